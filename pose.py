@@ -135,6 +135,8 @@ def sample_chunks(train_len, target_len, chunks=2, rng=None, split="uniform"):
         the first half of the window only, l_0 ~ U{1, ..., (train_len + 1) // 2}, so the second chunk
         is always at least as long as the first. It is written for N = 2, so only N <= 2 is
         accepted here.
+    (The paper's N = 3 coverage code in Figure 6 draws l_0 ~ U{1..L-2}, then l_1 ~ U{1..L-l_0-1}:
+    a sequential split that favours a short l_1 when l_0 is long, unlike the uniform composition.)
     """
     train_len, target_len, chunks = _check_lengths(train_len, target_len, chunks)
     _check_choice("split", split, SPLITS)
