@@ -40,14 +40,6 @@ import pose
 # exact coverage for N = 1 and N = 2
 
 
-def _first_length_weights(train_len, split):
-    """P(l_0 = k) for k = 0 .. train_len under pose.sample_chunks with N = 2, float64 (train_len + 1,)."""
-    w = np.zeros(train_len + 1)
-    top = train_len - 1 if split == "uniform" else (train_len + 1) // 2  # largest possible l_0
-    w[1:top + 1] = 1.0 / top
-    return w
-
-
 def coverage_exact_two_chunks(train_len, target_len, split="uniform"):
     """Exact coverage probability of each distance for PoSE with N = 2, float64 (target_len,).
 
@@ -58,7 +50,7 @@ def coverage_exact_two_chunks(train_len, target_len, split="uniform"):
     (the difference of two integer intervals is the full interval between the extreme differences).
     A depends on l_0 only and B on u only, and l_0, u are drawn independently, so
         P(d covered) = a(d) + b(d) - a(d) b(d)
-        a(d) = P(max(l_0, L - l_0) >= d + 1)                    (a weighted tail count over l_0)
+        a(d) = P(max(l_0, L - l_0) >= d + 1)                    (a tail count over l_0)
         b(d) = #{u in 0..M : d - L + 1 <= u <= d - 1} / (M + 1)  (an interval length, clipped)
     All O(L + target_len) with numpy, no enumeration of the (l_0, u) pairs.
     """
@@ -67,19 +59,20 @@ def coverage_exact_two_chunks(train_len, target_len, split="uniform"):
     L, M = train_len, target_len - train_len
     d = np.arange(target_len)
 
-    # a(d): histogram of m = max(l_0, L - l_0) weighted by P(l_0), then P(m >= d + 1) by a reversed
-    # cumulative sum (tail[k] = P(m >= k)); m <= L - 1, so d >= L - 1 gives 0.
-    w = _first_length_weights(L, split)
-    k = np.arange(L + 1)
-    hist = np.bincount(np.maximum(k, L - k), weights=w, minlength=L + 1)  # (L + 1,)
-    tail = np.concatenate((np.cumsum(hist[::-1])[::-1], [0.0]))  # (L + 2,), tail[L + 1] = 0
-    a = tail[np.minimum(d + 1, L + 1)]
+    # a(d): l_0 is uniform on 1..top (top = L - 1 for the uniform split, (L + 1) // 2 for the official
+    # code's). Count m = max(l_0, L - l_0) over that support, then P(m >= d + 1) is a reversed
+    # cumulative count over top (tail[k] = #{l_0 : m >= k}); integer counts keep a(d) = 1 exact.
+    top = L - 1 if split == "uniform" else (L + 1) // 2
+    l0 = np.arange(1, top + 1)
+    hist = np.bincount(np.maximum(l0, L - l0), minlength=L + 1)  # (L + 1,)
+    tail = np.concatenate((np.cumsum(hist[::-1])[::-1], [0]))  # (L + 2,), tail[L + 1] = 0
+    a = tail[np.minimum(d + 1, L + 1)] / top
 
     # b(d): the skips u with u + 1 <= d <= u + L - 1 form the interval [max(0, d-L+1), min(M, d-1)]
     count = np.minimum(M, d - 1) - np.maximum(0, d - L + 1) + 1
     b = np.clip(count, 0, None) / (M + 1)
 
-    prob = a + b - a * b
+    prob = 1.0 - (1.0 - a) * (1.0 - b)  # = a + b - a b, written so that a = 1 or b = 1 gives exactly 1
     prob[0] = 1.0
     return prob
 
