@@ -6,13 +6,13 @@ distance d, so RoPE's rotation by d gets a gradient. This script gives, for ever
 1 .. target_len - 1, the probability of that event under pose.py's own sampling law (so it describes
 the examples training really sees):
 
-  PoSE, N = 1 or 2 chunks  exact, by enumerating the chunk length l_0 and the skip u_1 with numpy
+  PoSE, N = 1 or 2 chunks  exact: every chunk length l_0 and skip u_1 counted in closed form
   PoSE, N >= 3 chunks      Monte Carlo over pose.sample_chunks, with a standard error
   RandPos                  Monte Carlo over pose.randpos_positions, with a standard error
 
     python coverage.py --train-len 2048 --target 16384 --chunks 2 3
     python coverage.py --train-len 2048 --target 16384 --chunks 2 3 --samples 1000 --seed 0 \
-        --json runs/coverage.json --plot runs/coverage.png
+        --json coverage.json --plot coverage.png
     python coverage.py --train-len 64 --target 512 --chunks 1 2 3 8 --no-randpos    # tiny, instant
     python coverage.py --train-len 2048 --target 16384 --chunks 2 --split official  # official code's l_0
 
@@ -20,6 +20,11 @@ The table gives the mean coverage over distances inside the original window, [1,
 and beyond it, [train_len, target_len - 1]; Monte Carlo rows add the standard error of that mean
 (from the spread of the per-example means). `--json` holds every printed number and the full
 curves; `--plot` draws Figure 5 (coverage vs relative position, a vertical line at train_len).
+
+The N >= 3 rows use pose.py's law: a uniformly random composition of train_len into N chunks and
+the sequential skips of eq. 4. The paper's own N = 3 code (Figure 6, middle) splits sequentially
+instead (l_0 ~ U{1..L-2}, then l_1 ~ U{1..L-l_0-1}), so its Figure 5 curve for N = 3 differs a little
+from ours; N = 2 and RandPos follow the same law as the paper's code.
 
 Curves are numpy arrays of length target_len indexed by the distance d; entry 0 (a token and
 itself) is 1 by convention.
