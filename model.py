@@ -210,6 +210,44 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum of -log softmax(h W^T)[target] over rows with target != -100, `chunk` rows at a time.
+
+    Only one chunk's logits exist at any moment. Under autograd the gradients are computed in the same pass, since
+    d loss / d logits = softmax - onehot is known as soon as a chunk's logits are: grad_h = g W and grad_W += g^T h.
+    So backward costs no recomputation (unlike checkpointing each chunk, which redoes the output projection) and
+    memory is one chunk's logits plus grad_h, the size of h. Logits and softmax are in fp32 even for bf16 weights.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for i in range(0, h.shape[0], chunk):
+            h_c, t_c = h[i:i + chunk], targets[i:i + chunk]  # (c, dim), (c,)
+            logp = torch.log_softmax((h_c @ weight.T).float(), dim=-1)  # (c, vocab)
+            valid = t_c != -100
+            t_safe = torch.where(valid, t_c, 0)
+            total -= (logp.gather(1, t_safe[:, None])[:, 0] * valid).sum()
+            if need_grad:
+                g = logp.exp_()  # d nll / d logits = softmax - onehot, zero for ignored rows
+                g.scatter_add_(1, t_safe[:, None], -torch.ones_like(g[:, :1]))
+                g *= valid[:, None]
+                g = g.to(h.dtype)
+                grad_h[i:i + chunk] = g @ weight
+                grad_w += (g.T @ h_c).float()
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None
+
+
 class LLaMA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -222,7 +260,7 @@ class LLaMA(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False  # recompute each block in backward (train.py turns it on for CUDA)
-        self.loss_chunk = 1024  # tokens per chunk of the output projection in forward(..., targets)
+        self.loss_chunk = 2048  # rows per chunk of the output projection in the loss: 256 MB of fp32 logits at 32k vocab
         self.source = None  # directory this model was loaded from (its tokenizer files are copied on save)
 
     def init_weights(self, std=0.02):
@@ -264,23 +302,13 @@ class LLaMA(nn.Module):
         """Logits (B, T, vocab) or, with targets, the mean next-token cross-entropy over targets != -100.
 
         The loss path never holds the full (B, T, vocab) logits: at 128k tokens and a 32k vocabulary those are 16 GB
-        in fp32. It projects `loss_chunk` positions at a time and, under autograd, recomputes each chunk's logits in
-        backward (activation checkpointing), so memory stays at one chunk's logits whatever T is.
+        in fp32. See ChunkedCrossEntropy.
         """
         h = self.hidden_states(tokens, positions)
         if targets is None:
             return self.lm_head(h)
-        h, targets = h.flatten(0, 1), targets.flatten()  # (B*T, dim), (B*T,)
-        total = h.new_zeros((), dtype=torch.float32)
-        for i in range(0, h.shape[0], self.loss_chunk):
-            args = (h[i:i + self.loss_chunk], targets[i:i + self.loss_chunk])
-            total = total + (checkpoint(self._chunk_nll, *args, use_reentrant=False) if torch.is_grad_enabled()
-                             else self._chunk_nll(*args))
-        return total / (targets != -100).sum().clamp(min=1)
-
-    def _chunk_nll(self, h, targets):
-        logits = self.lm_head(h).float()  # (chunk, vocab): cross-entropy in fp32 even under bf16
-        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        nll = ChunkedCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk)
+        return nll / (targets != -100).sum().clamp(min=1)
 
     def loss(self, tokens, targets, positions=None):
         """Mean cross-entropy of next-token prediction over targets != -100 (see forward)."""
