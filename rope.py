@@ -219,3 +219,33 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)  # the partner of channel j is channel j + hd/2
     return (x * cos + rotated * sin).to(dtype)
+
+
+def scaling_from_spec(spec, original_len, factor=None):
+    """A rope_scaling dict from a command-line spec: "none", "linear:8", "ntk:4", "dynamic:8", "yarn:8",
+    "yarn-revised:8", "llama3:8". The factor may be left out when `factor` gives it (train.py: target / train_len).
+    original_len is the window the model was trained on (the base of YaRN's ramp and of dynamic/llama3 scaling)."""
+    kind, _, value = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind in ("none", "default", "original"):
+        return None
+    variant = None
+    if kind == "yarn-revised":
+        kind, variant = "yarn", "revised"
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"unknown rope {spec!r}; use none, linear, ntk, dynamic, yarn, yarn-revised or llama3, "
+                         f"with :FACTOR (e.g. linear:8)")
+    try:
+        factor = float(value) if value else factor
+    except ValueError:
+        raise ValueError(f"rope {spec!r}: factor {value!r} is not a number") from None
+    if factor is None or factor < 1:
+        raise ValueError(f"rope {spec!r} needs a factor >= 1 (e.g. {kind}:8)")
+    scaling = {"rope_type": kind, "factor": factor}
+    if kind in ("dynamic", "yarn", "llama3"):
+        scaling["original_max_position_embeddings"] = int(original_len)
+    if kind == "llama3":
+        scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    if variant:
+        scaling["yarn_variant"] = variant
+    return scaling

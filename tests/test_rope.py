@@ -109,3 +109,16 @@ def test_apply_rope_is_a_rotation_of_channel_pairs_j_and_j_plus_half():
     y = apply_rope(x, *rope(torch.tensor([[2]])))
     assert y[..., 0].item() == pytest.approx(math.cos(2), abs=1e-6)
     assert y[..., D // 2].item() == pytest.approx(math.sin(2), abs=1e-6)
+
+
+def test_scaling_from_spec():
+    from rope import scaling_from_spec
+    assert scaling_from_spec("none", 2048) is None
+    assert scaling_from_spec("linear:8", 2048) == {"rope_type": "linear", "factor": 8.0}
+    assert scaling_from_spec("ntk", 2048, factor=4) == {"rope_type": "ntk", "factor": 4.0}
+    assert scaling_from_spec("yarn-revised:16", 2048) == {"rope_type": "yarn", "factor": 16.0, "yarn_variant": "revised",
+                                                          "original_max_position_embeddings": 2048}
+    for bad, match in (("foo:2", "unknown rope"), ("linear:x", "not a number"), ("yarn", "needs a factor"),
+                       ("linear:0.5", "needs a factor")):
+        with pytest.raises(ValueError, match=match):
+            scaling_from_spec(bad, 2048)
