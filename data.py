@@ -1,0 +1,299 @@
+"""Corpus preparation (jsonl / txt -> one flat token file + a document index) and deterministic sampling.
+
+Prepare a corpus once, then train and evaluate from the memory-mapped token file:
+$ python scripts/make_tokenizer.py --out out/tokenizer          # the tokenizer of the bundled tiny model
+$ python data.py --input assets/books/train --tokenizer out/tokenizer/tokenizer.model --out data/books_train
+$ python data.py --input assets/books/eval --tokenizer out/tokenizer/tokenizer.model --out data/books_eval
+$ python data.py --input pile_val.jsonl.gz --tokenizer llama-7b/tokenizer.model --out data/pile --min-tokens 2048
+
+Input: .jsonl (one document per line, in its "text" field), .txt (one document per file), the same
+gzipped (.jsonl.gz, .txt.gz), or a directory of them (recursive, in sorted order). Empty documents are
+skipped. Each document is encoded as in LLaMA pretraining: BOS first, no EOS. Output:
+    OUT.bin      the tokens of all documents back to back (uint16 when the vocabulary fits, else uint32)
+    OUT.idx.npy  int64 offsets, n_docs + 1 of them: document i is OUT.bin[idx[i]:idx[i + 1]]
+    OUT.json     dtype, counts, the tokenizer's path and sha256, min_tokens, sources
+They are written under temporary names and renamed into place, OUT.json last: a dataset without its
+OUT.json is incomplete and never loads.
+
+In code (train.py, evaluate.py):
+    corpus = load_corpus("data/pile", tokenizer="llama-7b", min_tokens=2048)   # a prepared dataset
+    corpus = load_corpus("assets/books/train", tokenizer=tok)   # raw text: prepared into ~/.cache/pose once
+    doc = corpus.sample_doc(rng)     # the tokens of one document, chosen with probability ~ its length
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import sys
+import zlib
+from array import array
+
+import numpy as np
+from tqdm import tqdm
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
+BATCH_CHARS = 16 * 2**20  # documents go to the tokenizer ~16M characters at a time (one multithreaded call)
+
+
+class DataError(ValueError):
+    """Bad input or a bad prepared dataset. The message is one line, written for the user."""
+
+
+# -----------------------------------------------------------------------------
+# reading and tokenizing
+
+def input_files(path):
+    """The document files of an input: the file itself, or every supported file under a directory, sorted."""
+    if not os.path.exists(path):
+        raise DataError(f"input not found: {path}")
+    if os.path.isfile(path):
+        if not path.endswith(SUFFIXES):
+            raise DataError(f"unsupported input {path}: expected {', '.join(SUFFIXES)} or a directory")
+        return [path]
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names if f.endswith(SUFFIXES))
+    if not files:
+        raise DataError(f"no {', '.join(SUFFIXES)} files under {path}")
+    return files
+
+
+def read_documents(files):
+    """Yield the text of every non-empty document, in order: a .txt file is one, a .jsonl line is one."""
+    for path in files:
+        opener = gzip.open if path.endswith(".gz") else open
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                if path.endswith((".txt", ".txt.gz")):
+                    texts = [f.read()]
+                else:
+                    texts = (_jsonl_text(path, n, line) for n, line in enumerate(f, 1) if line.strip())
+                yield from (t for t in texts if t.strip())
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:  # unreadable, truncated .gz, not UTF-8
+            raise DataError(f"cannot read {path}: {e}") from None
+
+
+def _jsonl_text(path, lineno, line):
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+        raise DataError(f'{path}:{lineno}: no "text" string field')
+    return doc["text"]
+
+
+def batches(texts, max_chars):
+    batch, n = [], 0
+    for text in texts:
+        batch.append(text)
+        n += len(text)
+        if n >= max_chars:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+def load_tokenizer(tokenizer):
+    """A model.Tokenizer from a path (tokenizer.model or its directory); a tokenizer object passes through."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer  # anything with .encode_batch, .vocab_size, .bos_id and .path
+    path = os.fspath(tokenizer)
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise DataError(f"tokenizer not found: {path}")
+    from model import Tokenizer  # imported here: model.py pulls in torch, which preparing data does not need
+    try:
+        return Tokenizer(path)
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"cannot load tokenizer {path}: {str(e).strip().splitlines()[0]}") from None
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def token_dtype(vocab_size):
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)  # LLaMA's 32000 fits in uint16
+
+
+def prepare(input_path, tokenizer, out, min_tokens=0, verbose=True):
+    """Tokenize `input_path` into OUT.bin / OUT.idx.npy / OUT.json, keeping documents of >= min_tokens tokens."""
+    files = input_files(input_path)
+    tok = load_tokenizer(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    out = os.path.abspath(out)
+    created, d = [], os.path.dirname(out)  # directories made here, deepest first: removed again on failure
+    while not os.path.isdir(d):
+        created.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = {ext: f"{out}{ext}.tmp{os.getpid()}" for ext in (".bin", ".idx.npy", ".json")}
+    try:
+        # 1) tokenize batch by batch, appending kept documents to the .bin; their offsets are kept in memory
+        offsets, n_read, longest = array("q", [0]), 0, 0
+        with open(tmp[".bin"], "wb") as f, tqdm(desc=f"tokenizing {input_path}", unit=" docs", disable=None) as bar:
+            for batch in batches(read_documents(files), BATCH_CHARS):
+                for ids in tok.encode_batch(batch, bos=True, eos=False, threads=-1):
+                    n_read, longest = n_read + 1, max(longest, len(ids))
+                    if len(ids) >= min_tokens:
+                        f.write(np.asarray(ids, dtype=dtype).tobytes())  # numpy raises if an id does not fit
+                        offsets.append(offsets[-1] + len(ids))
+                bar.update(len(batch))
+                bar.set_postfix(tokens=f"{offsets[-1]:,}")
+        if n_read == 0:
+            raise DataError(f"no documents in {input_path}")
+        if len(offsets) == 1:
+            raise DataError(f"no document of {input_path} has >= {min_tokens} tokens (the longest has {longest})")
+        # 2) the index and the metadata
+        with open(tmp[".idx.npy"], "wb") as f:
+            np.save(f, np.frombuffer(offsets, dtype=np.int64))
+        n_docs, n_tokens = len(offsets) - 1, offsets[-1]
+        meta = dict(dtype=dtype.name, n_docs=n_docs, n_tokens=n_tokens, vocab_size=tok.vocab_size, bos_id=tok.bos_id,
+                    tokenizer=os.path.abspath(tok.path), tokenizer_sha256=file_sha256(tok.path),
+                    min_tokens=min_tokens, n_dropped=n_read - n_docs, sources=[os.path.abspath(p) for p in files])
+        with open(tmp[".json"], "w") as f:
+            json.dump(meta, f, indent=1)
+        # 3) publish: drop the old OUT.json first and rename the new one last, so that no reader ever pairs
+        #    a .json with another run's .bin (a rename within one directory is atomic)
+        if os.path.exists(out + ".json"):
+            os.remove(out + ".json")
+        for ext in (".bin", ".idx.npy", ".json"):
+            os.replace(tmp[ext], out + ext)
+    except BaseException:  # errors and Ctrl-C alike: leave nothing behind
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+        for d in created:
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
+    if verbose:
+        dropped = f" ({n_read - n_docs:,} shorter than {min_tokens} tokens dropped)" if min_tokens > 0 else ""
+        print(f"{out}: kept {n_docs:,} of {n_read:,} documents{dropped}, {n_tokens:,} tokens as {dtype.name}")
+    return meta
+
+
+# -----------------------------------------------------------------------------
+# loading and sampling
+
+class Corpus:
+    """Tokenized documents: `corpus[i]` is a read-only view of document i's token ids (uint16/uint32).
+
+    `tokens` is the flat token array (a np.memmap of OUT.bin, or any array), `offsets` the n + 1 document
+    boundaries, `docs` the documents of the flat array that this corpus holds (all by default)."""
+
+    def __init__(self, tokens, offsets, docs=None, meta=None):
+        self.tokens, self.offsets = tokens, np.asarray(offsets, dtype=np.int64)
+        self.docs = np.arange(len(self.offsets) - 1) if docs is None else np.asarray(docs, dtype=np.int64)
+        self.lengths = self.offsets[self.docs + 1] - self.offsets[self.docs]  # (n_docs,) int64
+        self.n_tokens = int(self.lengths.sum())
+        self.meta = meta or {}
+        self._ends = np.cumsum(self.lengths)  # document i holds corpus tokens [ends[i-1], ends[i])
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, i):
+        j = self.docs[i]
+        return self.tokens[self.offsets[j]:self.offsets[j + 1]]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self):
+        return f"Corpus({len(self):,} documents, {self.n_tokens:,} tokens)"
+
+    def filter(self, min_tokens):
+        """The documents of at least `min_tokens` tokens, as a view of the same token file."""
+        keep = self.lengths >= min_tokens
+        if not keep.any():
+            raise DataError(f"no document has >= {min_tokens} tokens (the longest has {self.lengths.max(initial=0)})")
+        return Corpus(self.tokens, self.offsets, self.docs[keep], self.meta)
+
+    def sample_index(self, rng):
+        """A document index drawn with probability len(doc) / n_tokens, from a np.random.Generator.
+
+        Equivalently: pick one token of the whole corpus uniformly and take its document. Uniform over
+        documents would instead give each token of a 2k-token document 50x the weight of a token of a
+        100k-token book; proportional sampling keeps every token equally likely, whether the corpus is a
+        few dozen books or millions of web pages (and PoSE then draws the window inside the document)."""
+        t = rng.integers(self.n_tokens)
+        return int(np.searchsorted(self._ends, t, side="right"))
+
+    def sample_doc(self, rng):
+        return self[self.sample_index(rng)]
+
+
+def open_prepared(prefix):
+    """The Corpus of a prepared dataset OUT (OUT.json, OUT.idx.npy, OUT.bin), after checking that they agree."""
+    try:
+        with open(prefix + ".json") as f:
+            meta = json.load(f)
+        dtype, n_docs, n_tokens = np.dtype(meta["dtype"]), int(meta["n_docs"]), int(meta["n_tokens"])
+        offsets = np.load(prefix + ".idx.npy")
+        size = os.path.getsize(prefix + ".bin")
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"corrupt dataset {prefix}: {e}") from None
+    if (offsets.shape != (n_docs + 1,) or n_docs < 1 or offsets[0] != 0 or offsets[-1] != n_tokens
+            or np.any(np.diff(offsets) < 0) or size != n_tokens * dtype.itemsize):
+        raise DataError(f"corrupt dataset {prefix}: {prefix}.bin has {size} bytes, while the index and json "
+                        f"say {n_docs} documents of {n_tokens} {dtype.name} tokens")
+    tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(n_tokens,))
+    return Corpus(tokens, offsets, meta=meta)
+
+
+def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None):
+    """A Corpus of the documents with >= min_tokens tokens, from a prepared dataset or from raw input.
+
+    `path`: a prepared dataset (OUT, OUT.json or OUT.bin), or raw input as for the CLI, which is then
+    prepared into `cache_dir` (default $POSE_CACHE or ~/.cache/pose) under a key made of the input files'
+    paths, sizes and mtimes, the tokenizer's sha256 and min_tokens, so that the next call loads at once.
+    `tokenizer` (a path or a model.Tokenizer) is required for raw input; for a prepared dataset it is
+    checked against the tokenizer the dataset was made with."""
+    path = os.fspath(path)
+    prefix = next((path[: -len(e)] for e in (".json", ".bin", ".idx.npy") if path.endswith(e)), path)
+    if os.path.isfile(prefix + ".json"):
+        corpus = open_prepared(prefix)
+        if tokenizer is not None:
+            tok = load_tokenizer(tokenizer)
+            if file_sha256(tok.path) != corpus.meta.get("tokenizer_sha256"):
+                raise DataError(f"{prefix} was tokenized with {corpus.meta.get('tokenizer')}, not with "
+                                f"{tok.path}: its token ids would not match this vocabulary; prepare it again")
+    elif prefix == path and os.path.exists(path):  # raw input
+        if tokenizer is None:
+            raise DataError(f"{path} is raw text: a tokenizer is needed to prepare it")
+        files, tok = input_files(path), load_tokenizer(tokenizer)
+        stats = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
+        key = hashlib.sha256(json.dumps([stats, file_sha256(tok.path), min_tokens]).encode()).hexdigest()[:16]
+        cache_dir = cache_dir or os.environ.get("POSE_CACHE") or os.path.expanduser("~/.cache/pose")
+        cached = os.path.join(cache_dir, f"{os.path.basename(os.path.abspath(path)).split('.')[0]}-{key}")
+        if not os.path.isfile(cached + ".json"):
+            prepare(path, tok, cached, min_tokens)
+        corpus = open_prepared(cached)
+    else:
+        raise DataError(f"not found: {path} is neither input nor a prepared dataset ({prefix}.json is missing; "
+                        "an interrupted preparation leaves none)")
+    return corpus.filter(min_tokens)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Tokenize jsonl/txt documents into OUT.bin + OUT.idx.npy + OUT.json.")
+    p.add_argument("--input", required=True, help=".jsonl, .txt, .jsonl.gz, .txt.gz, or a directory of them")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model, or the directory of a checkpoint")
+    p.add_argument("--out", required=True, help="output prefix: writes OUT.bin, OUT.idx.npy, OUT.json")
+    p.add_argument("--min-tokens", type=int, default=0, help="drop documents shorter than this (BOS included)")
+    args = p.parse_args(argv)
+    try:
+        prepare(args.input, args.tokenizer, args.out, args.min_tokens)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Shared test fixtures."""
+import random
+
+import pytest
+import sentencepiece as spm
+
+WORDS = ("the of and to in a is that for it as with was his he be on by at have are not this but from or "
+         "king queen lord love death night day sword crown heaven earth river stone light shadow time").split()
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer(tmp_path_factory):
+    """Path of a tiny LLaMA-style sentencepiece BPE (vocab 320, byte fallback) trained on generated text (< 1 s)."""
+    rnd = random.Random(0)
+    lines = [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(4, 14))).capitalize() + rnd.choice(".,;!?")
+             for _ in range(600)]
+    out = tmp_path_factory.mktemp("spm")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"), model_type="bpe", vocab_size=320,
+        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2, num_threads=1)
+    return str(out / "tokenizer.model")
