@@ -142,7 +142,7 @@ def prepare(input_path, tokenizer, out, min_tokens=0, verbose=True):
                 for ids in tok.encode_batch(batch, bos=True, eos=False, threads=-1):
                     n_read, longest = n_read + 1, max(longest, len(ids))
                     if len(ids) >= min_tokens:
-                        f.write(np.asarray(ids, dtype=dtype).tobytes())  # numpy raises if an id does not fit
+                        f.write(np.asarray(ids, dtype=dtype).tobytes())  # ids < vocab_size fit the dtype
                         offsets.append(offsets[-1] + len(ids))
                 bar.update(len(batch))
                 bar.set_postfix(tokens=f"{offsets[-1]:,}")

