@@ -11,10 +11,9 @@ checkpoint names (less the "model." prefix), so loading is a rename, not a conve
 (which the PoSE paper also extends) load too: their fused W_pack projection is split into q/k/v.
 """
 import json
-import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import sentencepiece as spm
 import torch
@@ -331,25 +330,7 @@ class LLaMA(nn.Module):
                 normalize_rope_scaling(rope_scaling, cfg.max_position_embeddings)
         with torch.device("meta"):
             model = cls(cfg)
-        state = {}
-        expected = dict(model.state_dict(keep_vars=True))
-        for name, tensor in read_checkpoint(path, cfg):
-            if name not in expected:
-                if name.endswith("rotary_emb.inv_freq"):  # old checkpoints saved RoPE buffers; we rebuild them
-                    continue
-                raise CheckpointError(f"{path}: unexpected tensor {name!r} in the checkpoint")
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                      f"expected {tuple(expected[name].shape)} from config.json")
-            state[name] = tensor.to(device=device, dtype=dtype)
-        if cfg.tie_embeddings:
-            state.pop("lm_head.weight", None)
-            expected.pop("lm_head.weight")
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:4])}"
-                                  f"{' ...' if len(missing) > 4 else ''}")
-        model.load_state_dict(state, strict=not cfg.tie_embeddings, assign=True)
+        model.load_state_dict(read_state_dict(path, model, dtype, device), strict=True, assign=True)
         if cfg.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.source = str(path)
@@ -392,6 +373,30 @@ class LLaMA(nn.Module):
                     _atomic(os.path.join(path, name), lambda tmp, n=name: shutil.copyfile(
                         os.path.join(self.source, n), tmp))
         _atomic_json(os.path.join(path, "config.json"), self.cfg.to_hf(dtype))
+
+
+def read_state_dict(path, model, dtype=torch.float32, device="cpu"):
+    """The checkpoint at `path` as a state dict for `model` (which may live on the meta device), each tensor checked
+    against the model's shape and converted to dtype/device as it is read. Tied models get one shared tensor."""
+    expected = model.state_dict(keep_vars=True)
+    state = {}
+    for name, tensor in read_checkpoint(path, model.cfg):
+        if name not in expected:
+            if name.endswith("rotary_emb.inv_freq"):  # old checkpoints saved RoPE buffers; ours are computed
+                continue
+            raise CheckpointError(f"{path}: unexpected tensor {name!r} in the checkpoint")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(expected[name].shape)} from config.json")
+        state[name] = tensor.to(device=device, dtype=dtype)
+    if model.cfg.tie_embeddings:  # some tied checkpoints store lm_head too; the input embedding is the one used
+        state.pop("lm_head.weight", None)
+        if "embed_tokens.weight" in state:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    return state
 
 
 def _atomic(path, write):

@@ -1,0 +1,234 @@
+"""train.py end to end on the CPU: 1 vs 2 gloo processes, kill -9 and resume, the exported checkpoint, learning on
+real text, mixed precision / checkpointing / offload, and bad input."""
+import glob
+import json
+import re
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from model import LLaMA, ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, spm_tokenizer):
+    """A random tiny LLaMA with a 32-token window and the test tokenizer, in HF format."""
+    path = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig(vocab_size=320, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                              max_position_embeddings=32))
+    model.init_weights()
+    model.save_pretrained(path)
+    shutil.copy(spm_tokenizer, path / "tokenizer.model")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stdlib_corpus(tmp_path_factory):
+    """Real text: the sources of some Python standard library modules, one document each."""
+    path = tmp_path_factory.mktemp("corpus") / "stdlib.jsonl"
+    import argparse, csv, difflib, json as json_mod, textwrap, heapq  # noqa: E401
+    with open(path, "w") as f:
+        for module in (argparse, csv, difflib, json_mod.decoder, textwrap, heapq):
+            f.write(json.dumps({"text": open(module.__file__).read()}) + "\n")
+    return str(path)
+
+
+def run(args, nproc=1, env=None, check=True, **kw):
+    cmd = [sys.executable, TRAIN] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
+    env = dict(os.environ, POSE_CACHE=env or os.environ.get("POSE_CACHE", "/tmp/pose-test-cache"), OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+    if check and out.returncode:
+        raise AssertionError(out.stderr[-3000:])
+    return out
+
+
+def common(model, data, out, **over):
+    args = {"--model": model, "--data": data, "--out": out, "--target": 128, "--steps": 6, "--batch-size": 4,
+            "--micro-batch-size": 1, "--lr": 3e-3, "--warmup": 2, "--save-every": 0}
+    args.update(over)
+    return [x for k, v in args.items() for x in ((k,) if v is True else (k, v))]
+
+
+def log_of(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def weights(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def test_one_process_equals_two(tmp_path, tiny_model, stdlib_corpus):
+    run(common(tiny_model, stdlib_corpus, tmp_path / "one"))
+    run(common(tiny_model, stdlib_corpus, tmp_path / "two"), nproc=2)
+    one, two = log_of(tmp_path / "one"), log_of(tmp_path / "two")
+    assert [e["step"] for e in one] == [e["step"] for e in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"] and a["tokens"] == b["tokens"]
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+    assert any((w1[k] - load_file(os.path.join(tiny_model, "model.safetensors"))[k]).abs().max() > 1e-3 for k in w1)
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path, tiny_model, stdlib_corpus):
+    args = dict(**{"--steps": 24, "--save-every": 4, "--batch-size": 8})
+    run(common(tiny_model, stdlib_corpus, tmp_path / "straight", **args))
+    out = tmp_path / "killed"
+    env = dict(os.environ, POSE_CACHE="/tmp/pose-test-cache", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, TRAIN] + [str(a) for a in common(tiny_model, stdlib_corpus, out, **args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        log = os.path.join(out, "log.jsonl")
+        steps = [json.loads(x)["step"] for x in open(log)] if os.path.exists(log) else []
+        if steps and steps[-1] >= 10 and steps[-1] % 4:  # past a checkpoint, mid-interval
+            proc.send_signal(signal.SIGKILL)
+            killed_at = steps[-1]
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_at is not None, "the run ended before it could be killed"
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    run(common(tiny_model, stdlib_corpus, out, **args) + ["--resume"])
+    straight, resumed = log_of(tmp_path / "straight"), log_of(out)
+    strip = lambda log: [(e["step"], e["loss"], e["lr"], e["tokens"]) for e in log]  # noqa: E731
+    assert strip(resumed) == strip(straight)
+    w1, w2 = weights(tmp_path / "straight"), weights(out)
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k
+    assert len(glob.glob(os.path.join(out, "checkpoints", "step_*"))) <= 2  # --keep 2
+
+
+def test_export_loads_in_transformers_with_the_rope_scaling(tmp_path, tiny_model, stdlib_corpus):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    run(common(tiny_model, stdlib_corpus, out, **{"--steps": 2, "--rope": "yarn"}))
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    rope = hf.config.rope_parameters
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0 and rope["original_max_position_embeddings"] == 32
+    assert hf.config.max_position_embeddings == 128
+    ours = LLaMA.from_pretrained(out)
+    tokens = torch.randint(0, 320, (1, 100))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        assert ((ours(tokens) - want).abs().max() / want.abs().max()) < 1e-5
+    assert os.path.isfile(os.path.join(out, "tokenizer.model"))
+
+
+def test_loss_goes_down_on_real_text(tmp_path, tiny_model, stdlib_corpus):
+    out = tmp_path / "out"
+    run(common(tiny_model, stdlib_corpus, out, **{"--steps": 30, "--lr": 1e-2, "--warmup": 3, "--method": "pi"}))
+    losses = [e["loss"] for e in log_of(out)]
+    assert np.mean(losses[-5:]) < losses[0] - 1.0, losses
+
+
+@pytest.mark.parametrize("method", ["full", "randpos", "pose"])
+def test_methods_run(tmp_path, tiny_model, stdlib_corpus, method):
+    out = tmp_path / method
+    run(common(tiny_model, stdlib_corpus, out, **{"--steps": 2, "--method": method, "--chunks": 3}))
+    log = log_of(out)
+    assert log[-1]["tokens"] == 2 * 4 * (128 if method == "full" else 32)
+
+
+def test_bf16_checkpointing_and_offload_paths(tmp_path, tiny_model, stdlib_corpus):
+    """The CUDA configuration's code paths on the CPU: bf16 MixedPrecisionPolicy, activation checkpointing and
+    CPUOffloadPolicy give the fp32 run's losses (exactly for checkpointing/offload, loosely for bf16)."""
+    run(common(tiny_model, stdlib_corpus, tmp_path / "plain"))
+    run(common(tiny_model, stdlib_corpus, tmp_path / "ckpt", **{"--grad-checkpointing": True, "--cpu-offload": True}))
+    run(common(tiny_model, stdlib_corpus, tmp_path / "bf16", **{"--precision": "bf16"}))
+    plain, ckpt, bf16 = (log_of(tmp_path / n) for n in ("plain", "ckpt", "bf16"))
+    for a, b, c in zip(plain, ckpt, bf16):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert c["loss"] == pytest.approx(a["loss"], rel=2e-2)
+    assert bf16[0]["loss"] != plain[0]["loss"]  # bf16 really computed in bf16
+
+
+def test_examples_do_not_depend_on_the_world_size(stdlib_corpus, tiny_model):
+    import data
+    from model import Tokenizer
+    corpus = data.load_corpus(stdlib_corpus, Tokenizer(tiny_model), min_tokens=32)
+    args = SimpleNamespace(batch_size=8, micro_batch_size=2, seed=3, method="pose", target=128, chunks=2,
+                           content="uniform")
+
+    def step_examples(world):
+        rows = []
+        for micro in range(8 // (2 * world)):
+            for rank in range(world):
+                ids, targets, pos = train.batch_for(5, micro, rank, world, args, corpus, 32)
+                rows += [(i.tolist(), p.tolist()) for i, p in zip(ids, pos)]
+                assert torch.equal(targets[:, :-1], ids[:, 1:]) and (targets[:, -1] == -100).all()
+        return sorted(rows)
+
+    assert step_examples(1) == step_examples(2) == step_examples(4)
+    assert step_examples(1) != sorted((i, p) for i, p in step_examples(1)[:1]) * 8
+
+
+def test_lr_schedule():
+    args = SimpleNamespace(lr=2e-5, warmup=10, steps=1000)
+    lrs = [train.lr_at(s, args) for s in range(1000)]
+    assert lrs[0] == pytest.approx(2e-6) and lrs[9] == pytest.approx(2e-5) and lrs[10] == pytest.approx(2e-5)
+    assert lrs[505] == pytest.approx(1e-5) and 0 < lrs[-1] < 1e-7
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing-model", "model directory not found"),
+    ("missing-data", "not found"),
+    ("short-docs", "no document"),
+    ("target-below", "below"),
+    ("batch", "not divisible by world size 1 x --micro-batch-size 3"),
+    ("malformed-jsonl", "bad.jsonl:2: malformed JSON"),
+    ("corrupt-weights", "cannot read safetensors"),
+    ("corrupt-resume", "cannot load checkpoint"),
+])
+def test_bad_input_one_line_error(tmp_path, tiny_model, stdlib_corpus, case, match):
+    model, data_path, out = tiny_model, stdlib_corpus, tmp_path / "out"
+    extra = {}
+    if case == "missing-model":
+        model = tmp_path / "nope"
+    elif case == "missing-data":
+        data_path = tmp_path / "nope.jsonl"
+    elif case == "short-docs":
+        extra = {"--train-len": 100000, "--target": 200000}
+    elif case == "target-below":
+        extra = {"--train-len": 64, "--target": 48}
+    elif case == "batch":
+        extra = {"--micro-batch-size": 3}
+    elif case == "malformed-jsonl":
+        data_path = tmp_path / "bad.jsonl"
+        data_path.write_text('{"text": "fine"}\n{"text": broken\n')
+    elif case == "corrupt-weights":
+        model = tmp_path / "model"
+        shutil.copytree(tiny_model, model)
+        raw = (model / "model.safetensors").read_bytes()
+        (model / "model.safetensors").write_bytes(raw[: len(raw) // 3])
+    elif case == "corrupt-resume":
+        run(common(model, data_path, out, **{"--steps": 4, "--save-every": 2}))
+        ckpt = glob.glob(os.path.join(out, "checkpoints", "step_*"))[0]
+        open(os.path.join(ckpt, ".metadata"), "wb").write(b"garbage")
+        extra = {"--resume": True}
+    before = set(os.listdir(out)) if os.path.exists(out) else None
+    res = run(common(model, data_path, out, **extra), check=False)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in res.stderr, res.stderr
+    assert re.search(match, lines[0]), lines[0]
+    after = set(os.listdir(out)) if os.path.exists(out) else None
+    assert after == before  # nothing written
