@@ -20,3 +20,25 @@ def spm_tokenizer(tmp_path_factory):
         byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2, num_threads=1)
     return str(out / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(spm_tokenizer, tmp_path_factory):
+    """Path of a random tiny LLaMA in HF format with the `spm_tokenizer` vocabulary and tokenizer.model beside it
+    (dim 32, 2 layers, 4 query / 2 key-value heads, max_position_embeddings 64, no rope scaling)."""
+    import shutil
+
+    import sentencepiece
+    import torch
+
+    from model import LLaMA, ModelConfig
+
+    vocab = sentencepiece.SentencePieceProcessor(model_file=spm_tokenizer).vocab_size()
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                              max_position_embeddings=64))
+    model.init_weights()
+    out = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(str(out))
+    shutil.copyfile(spm_tokenizer, out / "tokenizer.model")
+    return str(out)

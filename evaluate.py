@@ -1,0 +1,371 @@
+"""Sliding-window perplexity over several context sizes (PoSE paper section 4.2, Table 1; Press et al. 2021).
+
+    python evaluate.py --model pose-2k-16k --data govreport_long.jsonl --ctx 2048 4096 8192 16384 32768
+    python evaluate.py --model llama-7b --rope none linear:8 yarn:8 --data data/proofpile \\
+        --ctx 2048 4096 8192 16384 --json table6.json             # Original and PI-only rows of Table 6
+    python evaluate.py --model llama-7b --model pose-2k-16k --data proofpile.jsonl --ctx 2048 16384
+    # tiny CPU run (a few seconds): the bundled tokenizer and a model trained by train.py on the book corpus
+    python evaluate.py --model out/tiny --data assets/books/eval --ctx 256 512 --stride 128 --docs 2
+
+The protocol. A document is stored as BOS x_0 .. x_{n-1} (data.py). For a context size `ctx` and a `stride`,
+window k = 0, 1, ... covers the document tokens [b_k, e_k) with
+
+    b_k = k * stride,   e_k = min(b_k + ctx - 1, n),   the last window being the first with e_k = n,
+
+and the model reads [BOS] + x[b_k:e_k] at positions 0 .. e_k - b_k (at most ctx tokens). Input position i predicts
+x[b_k + i]: the BOS predicts x[b_k], and the last token's prediction (of x[e_k], next window's business) is unused.
+Window k scores the tokens x_t with max(b_k, e_{k-1}) <= t < e_k (e_{-1} = 0), i.e. exactly those that no earlier
+window scored, each with all the context the window has before it. Then
+
+    perplexity = exp( sum over documents and scored tokens of -log p(x_t | window) / number of scored tokens ),
+
+token-weighted over all documents (not a mean of per-document perplexities). Cases:
+  - stride < ctx - 1 (the paper: ctx >= 2048, stride 1024): windows overlap, every x_t is scored exactly once, the
+    first ctx - 1 of them by the first window (x_0 from the BOS alone), later ones with >= ctx - 1 - stride tokens
+    of context. This equals the official PoSE code (src/eval_ppl.py) and Hugging Face's recipe.
+  - stride == ctx - 1: windows tile the document, every token scored once.
+  - stride >= ctx: tokens between windows (x[e_{k-1}:b_k], stride - ctx + 1 of them) are never scored and are not
+    counted; a window's first token is then predicted from the BOS alone. (The official code counts those tokens
+    anyway; we count what is scored.)
+  - n <= ctx - 1 (a document shorter than the window): one window, the whole document.
+
+Data: the first --docs documents of --data (a prepared dataset or raw .jsonl/.txt/.gz/directory, tokenized with
+each model's tokenizer by data.load_corpus) that have at least --min-tokens tokens, BOS included (default: the
+largest ctx, as the paper's "documents of more than 32,768 tokens"), each truncated to its first --max-tokens tokens
+(default: the largest ctx, as the official code's max_input_tokens; 0 keeps whole documents). So by default every
+context size scores the same tokens, and the largest ctx reads each document in one window.
+
+--rope SPEC replaces the checkpoint's rotary scaling (rope.scaling_from_spec: none, linear:8, ntk:8, yarn:8,
+yarn-revised:8, dynamic:8, llama3:8), several specs give several rows. The original window that YaRN, dynamic and
+llama3 scaling are built on is --original-len if given, else the checkpoint's (see original_window). A ctx beyond
+the window the scaling supports (original * factor; the original window without scaling) is a warning, not an error:
+that is where the Original rows of Table 1 are > 10^3.
+
+In code (bench.py): `evaluate.perplexity(model, docs, ctx, stride)` -> {"ppl", "nll", "tokens", "windows", ...}.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+from model import LLaMA, Tokenizer, read_config
+from rope import rope_type, scaling_from_spec
+
+# A later change may point these at a bundled tiny model and corpus; None makes the flag required.
+DEFAULT_MODEL = None
+DEFAULT_DATA = None
+CHECKPOINT = "checkpoint"  # the --rope value that keeps the checkpoint's own scaling
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the protocol
+
+def windows(n, ctx, stride):
+    """The sliding windows over a document of n tokens after its BOS: (begin, end, first_scored) triples.
+
+    The window reads [BOS] + x[begin:end] and scores x[first_scored:end] (see the module docstring)."""
+    if ctx < 2:
+        raise ValueError(f"ctx must be >= 2 (a BOS and at least one document token), got {ctx}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    begin, prev_end = 0, 0
+    while begin < n:
+        end = min(begin + ctx - 1, n)
+        yield begin, end, max(begin, prev_end)
+        if end == n:
+            return
+        begin, prev_end = begin + stride, end
+
+
+@contextlib.contextmanager
+def _no_param_grads(model):
+    """Parameters with requires_grad=False while evaluating, restored after.
+
+    model.loss's chunked cross-entropy computes its gradients in the forward pass whenever an input requires grad
+    (autograd.Function sees requires_grad, not torch.no_grad), i.e. it would build a vocab x dim fp32 gradient of the
+    output projection for nothing; frozen parameters make it skip that."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def perplexity(model, docs, ctx, stride=1024, progress=False):
+    """Sliding-window perplexity of `model` over `docs` at context size `ctx` (the module docstring's protocol).
+
+    docs: 1-D integer arrays, each a document as data.Corpus stores it, BOS first (that token starts every window).
+    progress: False, True or a description for a tqdm bar over the windows.
+    Returns {"ctx", "stride", "ppl", "nll" (summed, nats), "tokens" (scored), "windows", "docs"}. Each window goes
+    through model.loss with -100 on unscored targets: one window at a time, never the full (T, vocab) logits.
+    """
+    device = next(model.parameters()).device
+    docs = [torch.as_tensor(np.asarray(doc, dtype=np.int64)) for doc in docs]
+    plans = [list(windows(len(doc) - 1, ctx, stride)) for doc in docs]
+    nll, scored = 0.0, 0  # Python floats are float64: the sum stays exact to ~1e-16 over millions of tokens
+    bar = tqdm(total=sum(map(len, plans)), unit="win", desc=progress if isinstance(progress, str) else None,
+               disable=None if progress else True, leave=False)
+    with _no_param_grads(model), bar:
+        for doc, plan in zip(docs, plans):
+            bos, x = doc[:1], doc[1:]
+            for begin, end, first in plan:
+                tokens = torch.cat([bos, x[begin:end]])  # (T,), T = end - begin + 1 <= ctx
+                targets = torch.full_like(tokens, -100)
+                # input position i predicts x[begin + i]; only x[first:end] is scored
+                targets[first - begin:end - begin] = x[first:end]
+                n = end - first
+                loss = model.loss(tokens[None].to(device), targets[None].to(device))  # mean over the n targets
+                nll += loss.item() * n
+                scored += n
+                bar.update()
+                bar.set_postfix(ppl=f"{math.exp(nll / scored):.3f}", refresh=False)
+    if scored == 0:
+        raise ValueError("no token to score: every document is empty after its BOS")
+    return dict(ctx=ctx, stride=stride, ppl=math.exp(nll / scored), nll=nll, tokens=scored,
+                windows=sum(map(len, plans)), docs=len(docs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models and their rotary scaling (shared with passkey.py)
+
+def original_window(cfg):
+    """The context the base model was pretrained on, from a ModelConfig.
+
+    rope_scaling's original_max_position_embeddings when present; else, for a scaled checkpoint (linear, ntk),
+    max_position_embeddings / factor, Hugging Face's convention for linear PI checkpoints (LongChat,
+    LLaMA-2-7B-32K: max_position_embeddings is the extended window); else (no scaling) max_position_embeddings.
+    """
+    scaling = cfg.rope_scaling
+    if scaling and scaling.get("original_max_position_embeddings"):
+        return int(scaling["original_max_position_embeddings"])
+    if scaling and scaling.get("factor"):
+        return max(1, round(cfg.max_position_embeddings / float(scaling["factor"])))
+    return cfg.max_position_embeddings
+
+
+def supported_window(scaling, original):
+    """The longest context a rotary scaling is meant for: original * factor (the original window without one)."""
+    return original if not scaling else int(original * float(scaling["factor"]))
+
+
+def describe_rope(scaling):
+    """'none', 'linear:8', 'yarn:16' ...: a rope_scaling dict as a --rope spec."""
+    if not scaling:
+        return "none"
+    kind = rope_type(scaling)
+    if kind == "yarn" and scaling.get("yarn_variant") == "revised":
+        kind = "yarn-revised"
+    return f"{kind}:{float(scaling['factor']):g}"
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name, device):
+    """--dtype: bf16 on CUDA and fp32 elsewhere unless given."""
+    return DTYPES[name or ("bf16" if str(device).startswith("cuda") else "fp32")]
+
+
+def check_model(path):
+    """Fail fast, before any weights are read: the config parses and the tokenizer exists. Returns the config."""
+    cfg = read_config(path)
+    Tokenizer(path)
+    return cfg
+
+
+def set_rope(model, spec, original, checkpoint_scaling):
+    """Give `model` the rotary scaling of `spec` ("checkpoint": `checkpoint_scaling`, the one it was saved with).
+
+    Returns what a result row records: rope (the spec), rope_scaling, original and supported windows."""
+    scaling = checkpoint_scaling if spec == CHECKPOINT else scaling_from_spec(spec, original)
+    model.set_rope_scaling(scaling)
+    scaling = model.cfg.rope_scaling
+    return dict(rope=spec, rope_scaling=scaling, original_window=original,
+                supported_window=supported_window(scaling, original))
+
+
+def load_model(path, spec=CHECKPOINT, original_len=None, device="cpu", dtype=torch.float32):
+    """LLaMA.from_pretrained with the rotary scaling of `spec`; returns (model, set_rope's record + model path)."""
+    model = LLaMA.from_pretrained(path, dtype=dtype, device=device)
+    original = original_len or original_window(model.cfg)
+    return model, dict(model=path, **set_rope(model, spec, original, model.cfg.rope_scaling))
+
+
+def check_rope_spec(spec):
+    if spec != CHECKPOINT:
+        scaling_from_spec(spec, 2048)  # syntax only: the original length is the model's, known once it is loaded
+
+
+def replace_atomically(path, write):
+    """Call write(tmp) on a temporary name in the same folder, then rename: never a half-written file at `path`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    root, ext = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{root}.{os.getpid()}.tmp{ext}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    replace_atomically(path, write)
+
+
+def check_out_path(flag, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path} is a folder")
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: ...`, like every other error of these scripts."""
+
+    def error(self, message):
+        sys.exit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+def format_ppl(ppl):
+    return f"{ppl:.2f}" if ppl < 1000 else f"{ppl:.3g}"
+
+
+def format_table(rows, ctxs):
+    """Table 1 of the paper: one row per model and rope, one column per context size."""
+    lines = ["| model | rope | " + " | ".join(str(c) for c in ctxs) + " |",
+             "| --- | --- | " + " | ".join("---:" for _ in ctxs) + " |"]
+    for row in rows:
+        rope = describe_rope(row["rope_scaling"]) + (" (checkpoint)" if row["rope"] == CHECKPOINT else "")
+        cells = [format_ppl(r["ppl"]) for r in row["results"]]
+        lines.append(f"| {os.path.basename(os.path.normpath(row['model']))} | {rope} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = Parser(description="Sliding-window perplexity at several context sizes (PoSE section 4.2).")
+    p.add_argument("--model", action="append", metavar="DIR", required=DEFAULT_MODEL is None,
+                   help="Hugging Face LLaMA directory (with tokenizer.model); repeat for several rows")
+    p.add_argument("--data", required=DEFAULT_DATA is None, default=DEFAULT_DATA,
+                   help="prepared dataset (data.py --out) or raw .jsonl/.txt/.gz/directory")
+    p.add_argument("--ctx", type=int, nargs="+", required=True, help="context sizes (window = BOS + ctx-1 tokens)")
+    p.add_argument("--stride", type=int, default=1024, help="window advance in tokens (default 1024, as the paper)")
+    p.add_argument("--docs", type=int, default=50, help="number of documents (default 50, as the paper)")
+    p.add_argument("--min-tokens", type=int, default=None,
+                   help="use documents of at least this many tokens, BOS included (default: the largest ctx)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="truncate documents to this many tokens, BOS included (default: the largest ctx; 0: keep all)")
+    p.add_argument("--rope", nargs="+", default=[CHECKPOINT], metavar="SPEC",
+                   help="rotary scaling per row: checkpoint (default), none, linear:8, ntk:8, yarn:8, ...")
+    p.add_argument("--original-len", type=int, default=None,
+                   help="the model's original window (default: from its config.json, see original_window)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--json", metavar="FILE", help="write every number printed, and more, to FILE")
+    args = p.parse_args(argv)
+    args.model = args.model or [DEFAULT_MODEL]  # the one place a default model comes in
+
+    for c in args.ctx:
+        if c < 2:
+            p.error(f"--ctx must be >= 2 (a BOS and at least one document token), got {c}")
+    if args.stride < 1:
+        p.error(f"--stride must be >= 1, got {args.stride}")
+    if args.docs < 1:
+        p.error(f"--docs must be >= 1, got {args.docs}")
+    args.min_tokens = max(args.ctx) if args.min_tokens is None else args.min_tokens
+    args.max_tokens = max(args.ctx) if args.max_tokens is None else args.max_tokens
+    if args.min_tokens < 0 or args.max_tokens < 0:
+        p.error("--min-tokens and --max-tokens must be >= 0")
+    if args.original_len is not None and args.original_len < 1:
+        p.error(f"--original-len must be >= 1, got {args.original_len}")
+    try:
+        for spec in args.rope:
+            check_rope_spec(spec)
+        if args.json:
+            check_out_path("--json", args.json)
+    except ValueError as e:
+        p.error(str(e))
+    args.device = args.device or default_device()
+    return args
+
+
+def load_docs(path, tokenizer, n_docs, min_tokens, max_tokens):
+    """The first n_docs documents of >= min_tokens tokens, truncated to max_tokens (0: whole)."""
+    try:
+        corpus = data.load_corpus(path, tokenizer=tokenizer).filter(min_tokens)  # one cache for every min_tokens
+    except data.DataError as e:
+        raise data.DataError(f"{path}: {e}") from None
+    if len(corpus) < n_docs:
+        warn(f"only {len(corpus)} document(s) of {path} have >= {min_tokens} tokens; evaluating those")
+    return [corpus[i][:max_tokens or None] for i in range(min(n_docs, len(corpus)))]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        # 1) everything that can fail on bad input, for every model, before any long computation
+        docs, by_tokenizer = {}, {}  # models that share a tokenizer share the documents
+        for path in args.model:
+            check_model(path)
+            tok = Tokenizer(path)
+            if tok.path not in by_tokenizer:
+                by_tokenizer[tok.path] = load_docs(args.data, tok, args.docs, args.min_tokens, args.max_tokens)
+            docs[path] = by_tokenizer[tok.path]
+        dtype = resolve_dtype(args.dtype, args.device)
+        # 2) one row per model and rope
+        rows = []
+        for path in args.model:
+            name = os.path.basename(os.path.normpath(path))
+            model = LLaMA.from_pretrained(path, dtype=dtype, device=args.device)
+            own, original = model.cfg.rope_scaling, args.original_len or original_window(model.cfg)
+            for spec in args.rope:  # the same weights under each rotary scaling
+                info = set_rope(model, spec, original, own)
+                rope = describe_rope(info["rope_scaling"])
+                over = [c for c in args.ctx if c > info["supported_window"]]
+                if over:
+                    warn(f"{name} with rope {rope} supports {info['supported_window']} positions, fewer than "
+                         f"ctx {', '.join(map(str, over))}")
+                results = [perplexity(model, docs[path], ctx, args.stride,
+                                      progress=f"{name} {rope} ctx={ctx}") for ctx in args.ctx]
+                rows.append(dict(model=path, **info, dtype=str(dtype).removeprefix("torch."), device=args.device,
+                                 results=results))
+            del model
+        print(f"perplexity, sliding window with stride {args.stride}, {len(docs[args.model[0]])} documents "
+              f"of >= {args.min_tokens} tokens" + (f" truncated to {args.max_tokens}" if args.max_tokens else "")
+              + f" from {args.data}")
+        print(format_table(rows, args.ctx))
+        if args.json:
+            write_json(args.json, dict(data=args.data, stride=args.stride, docs_requested=args.docs,
+                                       min_tokens=args.min_tokens, max_tokens=args.max_tokens, ctx=args.ctx, rows=rows))
+    except (ValueError, OSError) as e:  # CheckpointError and DataError are ValueErrors
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
