@@ -34,10 +34,11 @@ def tiny_model_dir(spm_tokenizer, tmp_path_factory):
     from model import LLaMA, ModelConfig
 
     vocab = sentencepiece.SentencePieceProcessor(model_file=spm_tokenizer).vocab_size()
-    torch.manual_seed(0)
     model = LLaMA(ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
                               max_position_embeddings=64))
-    model.init_weights()
+    with torch.random.fork_rng():  # the same weights every run, and the global generator left as it was
+        torch.manual_seed(0)
+        model.init_weights()
     out = tmp_path_factory.mktemp("tiny_model")
     model.save_pretrained(str(out))
     shutil.copyfile(spm_tokenizer, out / "tokenizer.model")

@@ -1,0 +1,326 @@
+"""Passkey retrieval: can the model fetch a 5-digit key from anywhere in a long prompt? (PoSE section 4.3, Figure 2)
+
+    python passkey.py --model pose-2k-16k --lengths 2048 4096 8192 16384 --json passkey.json --plot passkey.png
+    python passkey.py --model llama-7b --rope linear:8 --lengths 2048 4096 8192 16384      # the PI-only baseline
+    # tiny CPU run (seconds): a small model trained by train.py on the bundled book corpus
+    python passkey.py --model out/tiny --lengths 256 512 --trials 5
+
+The prompt is the one of Mohtashami & Jaggi (2023) that the paper shows in Figure 2a, one part per line:
+
+    There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you
+    about the important information there.
+    The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. The grass is ...
+    The pass key is 71432. Remember it. 71432 is the pass key.
+    ... The sun is yellow. Here we go. There and back again. The grass is green. The sky is blue.
+    What is the pass key? The pass key is
+
+The filler is the cycle of those five sentences, and the key line is spliced in after a uniformly random number of
+them: its depth, recorded as (filler sentences before the key) / (all filler sentences), 0 = right after the task,
+1 = right before the question. The Figure's unit is a whole repetition of the five sentences; we count single
+sentences so that the prompt length can be matched to within one sentence (about 5 tokens for LLaMA), with the same
+text. For a requested length L the prompt is the longest of <= L tokens (BOS included); its real token count is
+recorded as prompt_tokens. Keys are uniform in 10000..99999; keys and depths come from numpy's default_rng(--seed)
+alone, so every model sees the same prompts.
+
+The answer is greedy: the model reads the prompt and up to --max-new-tokens (8) tokens are appended one at a time,
+stopping at EOS or as soon as a run of digits is followed by a non-digit. Our model has no KV cache, so each step
+runs the whole sequence again (exact, about 7 forward passes per trial) and only the last position's logits are
+computed (model.hidden_states + model.lm_head on the last row). A trial is correct when the first run of digits in
+the answer is exactly the key (as the official PoSE code, src/eval_passkey.py: "123456" is wrong for 12345).
+
+Default lengths: the original window times 1, 2, 4, ... up to the window the rotary scaling supports (at least 2x
+the original, so that even an unscaled model shows where it breaks). A length beyond the supported window is a
+warning: that is the point of the test.
+"""
+import os
+import re
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from evaluate import (CHECKPOINT, DTYPES, Parser, check_model, check_out_path, check_rope_spec, default_device,
+                      describe_rope, load_model, replace_atomically, resolve_dtype, warn, write_json)
+from model import Tokenizer
+
+DEFAULT_MODEL = None  # a later change may point this at a bundled tiny model; None makes --model required
+
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.")
+FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts
+
+class Prompt(NamedTuple):
+    ids: list  # token ids, BOS first
+    text: str
+    n_filler: int  # filler sentences in all
+    n_before: int  # filler sentences before the key line
+
+    @property
+    def depth(self):
+        return self.n_before / self.n_filler if self.n_filler else 0.0
+
+
+def prompt_text(key, n_filler, n_before):
+    """The task, n_filler sentences of the filler cycle with the key line after the first n_before, the question."""
+    sentences = [FILLER[i % len(FILLER)] for i in range(n_filler)]
+    parts = [TASK, " ".join(sentences[:n_before]), KEY_LINE.format(key=key), " ".join(sentences[n_before:]), QUESTION]
+    return "\n".join(p for p in parts if p)  # no empty line when the key is first or last
+
+
+def make_prompt(tokenizer, length, key, depth):
+    """The longest prompt of <= `length` tokens (BOS included) with the key at fraction `depth` of its filler.
+
+    Token counts are measured, not assumed: an estimate from the measured tokens per filler sentence, then single
+    sentences added or removed until one more would exceed `length`."""
+    def make(n):
+        before = round(depth * n)
+        text = prompt_text(key, n, before)
+        return Prompt(tokenizer.encode(text, bos=True), text, n, before)
+
+    shortest = make(0)
+    if len(shortest.ids) > length:
+        raise ValueError(f"length {length} is too short: the passkey prompt without filler has "
+                         f"{len(shortest.ids)} tokens")
+    probe = 20 * len(FILLER)
+    per_sentence = (len(make(probe).ids) - len(shortest.ids)) / probe
+    n = int((length - len(shortest.ids)) / per_sentence)
+    prompt = make(n)
+    n = max(0, n + int((length - len(prompt.ids)) / per_sentence))  # one correction step from the measured count
+    prompt = make(n)
+    while len(prompt.ids) > length and n > 0:
+        n -= 1
+        prompt = make(n)
+    while len((longer := make(n + 1)).ids) <= length:
+        n, prompt = n + 1, longer
+    return prompt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding and scoring
+
+def next_logits_of(model):
+    """`model` as a function from token ids (a list) to the logits (vocab,) of the next token.
+
+    A callable that is not a torch module is taken to be such a function already (tests inject fake models)."""
+    if not isinstance(model, torch.nn.Module):
+        return model
+    device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def next_logits(ids):
+        tokens = torch.as_tensor(ids, dtype=torch.long, device=device)[None]  # (1, T)
+        h = model.hidden_states(tokens)[:, -1]  # (1, dim): the last position only, never (T, vocab) logits
+        return model.lm_head(h)[0].float()  # (vocab,)
+
+    return next_logits
+
+
+def greedy_answer(next_logits, prompt_ids, tokenizer, max_new_tokens=8):
+    """The greedy continuation of prompt_ids, decoded: at most max_new_tokens tokens, stopping at EOS or once a
+    run of digits has ended (a digit followed by a non-digit). Each step re-reads the whole sequence (exact)."""
+    ids, new = list(prompt_ids), []
+    for _ in range(max_new_tokens):
+        token = int(next_logits(ids).argmax())
+        if token == tokenizer.eos_id:
+            break
+        ids.append(token)
+        new.append(token)
+        if re.search(r"\d\D", tokenizer.decode(new)):
+            break
+    return tokenizer.decode(new)
+
+
+def first_number(text):
+    """The first run of digits in `text`, or None."""
+    match = re.search(r"\d+", text)
+    return match.group() if match else None
+
+
+def run_passkey(model, tokenizer, lengths, trials=50, seed=0, max_new_tokens=8, progress=False):
+    """One record per trial: length, trial, depth, passkey, prompt_tokens, answer, predicted, correct.
+
+    model: a LLaMA, or any function from token ids to next-token logits (see next_logits_of)."""
+    next_logits = next_logits_of(model)
+    rng = np.random.default_rng(seed)
+    records = []
+    with tqdm(total=len(lengths) * trials, unit="trial", disable=None if progress else True, leave=False) as bar:
+        for length in lengths:
+            correct = 0
+            for trial in range(trials):
+                key = int(rng.integers(10000, 100000))  # uniform 5-digit key
+                prompt = make_prompt(tokenizer, length, key, depth=rng.random())
+                answer = greedy_answer(next_logits, prompt.ids, tokenizer, max_new_tokens)
+                predicted = first_number(answer)
+                records.append(dict(length=length, trial=trial, depth=prompt.depth, passkey=key,
+                                    prompt_tokens=len(prompt.ids), n_filler=prompt.n_filler, answer=answer,
+                                    predicted=predicted, correct=predicted == str(key)))
+                correct += records[-1]["correct"]
+                bar.update()
+                bar.set_postfix(length=length, acc=f"{correct / (trial + 1):.2f}", refresh=False)
+    return records
+
+
+def accuracy_by_length(records):
+    rows = []
+    for length in dict.fromkeys(r["length"] for r in records):
+        rs = [r for r in records if r["length"] == length]
+        tokens = [r["prompt_tokens"] for r in rs]
+        correct = sum(r["correct"] for r in rs)
+        rows.append(dict(length=length, trials=len(rs), correct=correct, accuracy=correct / len(rs),
+                         prompt_tokens_min=min(tokens), prompt_tokens_max=max(tokens)))
+    return rows
+
+
+def accuracy_grid(records, lengths, bins):
+    """(len(lengths), bins) accuracy over length x depth bins [i/bins, (i+1)/bins) (depth 1 in the last); NaN where
+    no trial fell."""
+    hits, counts = np.zeros((len(lengths), bins)), np.zeros((len(lengths), bins))
+    for r in records:
+        i, j = lengths.index(r["length"]), min(int(r["depth"] * bins), bins - 1)
+        hits[i, j] += r["correct"]
+        counts[i, j] += 1
+    with np.errstate(invalid="ignore"):
+        return hits / counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# output
+
+def format_table(rows):
+    lines = ["| length | prompt tokens | trials | correct | accuracy |", "| ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        span = str(r["prompt_tokens_min"]) if r["prompt_tokens_min"] == r["prompt_tokens_max"] else \
+            f"{r['prompt_tokens_min']}-{r['prompt_tokens_max']}"
+        lines.append(f"| {r['length']} | {span} | {r['trials']} | {r['correct']} | {r['accuracy']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_plot(path, records, lengths, bins, title):
+    """Accuracy heatmap, length (rows) x depth bin (columns), each cell annotated."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = accuracy_grid(records, lengths, bins)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * bins, 1.2 + 0.45 * len(lengths)))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(lengths)):
+        for j in range(bins):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(bins), [f"{j / bins:.1f}" for j in range(bins)], fontsize=8)
+    ax.set_yticks(range(len(lengths)), [str(n) for n in lengths], fontsize=8)
+    ax.set_xlabel("depth of the key (bin start, fraction of the filler)")
+    ax.set_ylabel("prompt length (tokens)")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    ext = os.path.splitext(path)[1][1:].lower()
+    try:
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, format=ext, dpi=150))
+    finally:
+        plt.close(fig)
+
+
+def default_lengths(original, supported):
+    """original, 2 original, 4 original, ... up to max(supported, 2 original)."""
+    lengths = [original]
+    while lengths[-1] * 2 <= max(supported, 2 * original):
+        lengths.append(lengths[-1] * 2)
+    return lengths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+def parse_args(argv=None):
+    p = Parser(description="Passkey retrieval accuracy over prompt lengths and key depths (PoSE section 4.3).")
+    p.add_argument("--model", required=DEFAULT_MODEL is None, default=DEFAULT_MODEL, metavar="DIR",
+                   help="Hugging Face LLaMA directory (with tokenizer.model)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="prompt lengths in tokens (default: original window x 1, 2, 4, ... up to the supported one)")
+    p.add_argument("--trials", type=int, default=50, help="trials per length (default 50, as the paper)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys and depths (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer tokens at most (default 8)")
+    p.add_argument("--rope", default=CHECKPOINT, metavar="SPEC",
+                   help="rotary scaling: checkpoint (default), none, linear:8, ntk:8, yarn:8, ...")
+    p.add_argument("--original-len", type=int, default=None,
+                   help="the model's original window (default: from its config.json)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--json", metavar="FILE", help="write one record per trial and the accuracy per length")
+    p.add_argument("--plot", metavar="FILE", help="write an accuracy heatmap over length x depth (.png, .pdf, ...)")
+    p.add_argument("--depth-bins", type=int, default=10, help="depth bins of the heatmap (default 10)")
+    args = p.parse_args(argv)
+
+    for n in args.lengths or []:
+        if n < 1:
+            p.error(f"--lengths must be >= 1, got {n}")
+    for flag in ("trials", "max_new_tokens", "depth_bins"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.original_len is not None and args.original_len < 1:
+        p.error(f"--original-len must be >= 1, got {args.original_len}")
+    try:
+        check_rope_spec(args.rope)
+        if args.json:
+            check_out_path("--json", args.json)
+        if args.plot:
+            check_out_path("--plot", args.plot)
+    except ValueError as e:
+        p.error(str(e))
+    if args.plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            from matplotlib.figure import Figure
+        except ImportError:
+            p.error("--plot needs matplotlib (pip install matplotlib)")
+        ext = os.path.splitext(args.plot)[1][1:].lower()
+        if ext not in Figure().canvas.get_supported_filetypes():
+            p.error(f"--plot: unsupported file extension '.{ext}'")
+    args.device = args.device or default_device()
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        # 1) bad input first: the model directory, its tokenizer, lengths too short for the prompt
+        check_model(args.model)
+        tok = Tokenizer(args.model)
+        for length in args.lengths or []:
+            make_prompt(tok, length, 10000, 0.0)
+        model, info = load_model(args.model, args.rope, args.original_len, args.device,
+                                 resolve_dtype(args.dtype, args.device))
+        lengths = args.lengths or default_lengths(info["original_window"], info["supported_window"])
+        name, rope = os.path.basename(os.path.normpath(args.model)), describe_rope(info["rope_scaling"])
+        over = [n for n in lengths if n > info["supported_window"]]
+        if over:
+            warn(f"{name} with rope {rope} supports {info['supported_window']} positions, fewer than "
+                 f"length {', '.join(map(str, over))}")
+        # 2) the trials
+        records = run_passkey(model, tok, lengths, args.trials, args.seed, args.max_new_tokens, progress=True)
+        rows = accuracy_by_length(records)
+        print(f"passkey retrieval, {name}, rope {rope}, {args.trials} trials per length, seed {args.seed}")
+        print(format_table(rows))
+        if args.json:
+            write_json(args.json, dict(info, lengths=lengths, trials=args.trials, seed=args.seed,
+                                       max_new_tokens=args.max_new_tokens, accuracy=rows, records=records))
+        if args.plot:
+            write_plot(args.plot, records, lengths, args.depth_bins,
+                       f"passkey retrieval: {name}, rope {rope}, {args.trials} trials per length")
+    except (ValueError, OSError) as e:  # CheckpointError and DataError are ValueErrors
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

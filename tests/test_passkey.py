@@ -1,0 +1,209 @@
+"""passkey.py: prompt length and key placement, depth spread, greedy decoding and exact-match scoring with fake
+models, determinism, and the CLI (JSON, plot, warning, one-line errors)."""
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+import passkey
+from model import LLaMA, Tokenizer
+from passkey import FILLER, KEY_LINE, QUESTION, TASK, greedy_answer, make_prompt, run_passkey
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """A tokenizer that knows the prompt's words, like LLaMA's: about 5 tokens per filler sentence."""
+    rnd = random.Random(0)
+    lines = [TASK, QUESTION, " ".join(FILLER)] + [KEY_LINE.format(key=rnd.randint(10000, 99999)) for _ in range(50)]
+    prefix = tmp_path_factory.mktemp("passkey_tok") / "tok"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(prefix), model_type="bpe", vocab_size=400,
+        hard_vocab_limit=False, byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2, num_threads=1)
+    return Tokenizer(f"{prefix}.model")
+
+
+def filler_tokens(tok):
+    return max(len(tok.encode(s, bos=False)) for s in FILLER)
+
+
+@pytest.mark.parametrize("length", [150, 333, 1000, 4096])
+def test_prompt_length(tok, length):
+    assert filler_tokens(tok) <= 8
+    for key, depth in [(10000, 0.0), (54321, 0.37), (99999, 1.0)]:
+        prompt = make_prompt(tok, length, key, depth)
+        assert prompt.ids == tok.encode(prompt.text, bos=True)
+        # the longest prompt that fits: within one filler sentence (<= 8 tokens here) of the request
+        assert length - filler_tokens(tok) <= len(prompt.ids) <= length
+        longer = passkey.prompt_text(key, prompt.n_filler + 1, round(depth * (prompt.n_filler + 1)))
+        assert len(tok.encode(longer, bos=True)) > length
+
+
+def test_prompt_length_other_tokenizer(spm_tokenizer):
+    tok = Tokenizer(spm_tokenizer)  # knows few of the prompt's words: many tokens per sentence
+    for length in (400, 1500):
+        prompt = make_prompt(tok, length, 12345, 0.5)
+        assert length - filler_tokens(tok) <= len(prompt.ids) <= length
+
+
+def test_prompt_too_short(tok):
+    with pytest.raises(ValueError, match="too short"):
+        make_prompt(tok, 20, 12345, 0.5)
+
+
+def test_key_placement(tok):
+    for depth in np.linspace(0, 1, 13):
+        prompt = make_prompt(tok, 600, 24680, depth)
+        line = KEY_LINE.format(key=24680)
+        assert prompt.text.count(line) == 1 and prompt.text.count("24680") == 2
+        before, after = prompt.text.split(line)
+        assert before.startswith(TASK) and after.endswith(QUESTION)
+        before, after = before[len(TASK):], after[:-len(QUESTION)]
+        sentences_before = re.findall(r"[A-Z][^.]*\.", before)
+        sentences_after = re.findall(r"[A-Z][^.]*\.", after)
+        # the key splices the unbroken filler cycle at the recorded depth
+        assert sentences_before + sentences_after == [FILLER[i % 5] for i in range(prompt.n_filler)]
+        assert len(sentences_before) == prompt.n_before == round(depth * prompt.n_filler)
+        assert prompt.depth == pytest.approx(len(sentences_before) / prompt.n_filler)
+        assert abs(prompt.depth - depth) <= 1 / prompt.n_filler
+
+
+class AnswersKey:
+    """A fake model that reads the key from its prompt and answers `template` filled with it, token by token."""
+
+    def __init__(self, tok, template="{key}. The", wrong=False):
+        self.tok, self.template, self.wrong = tok, template, wrong
+        self.start, self.last, self.calls = None, -1, 0
+
+    def __call__(self, ids):
+        self.calls += 1
+        if len(ids) != self.last + 1:  # a new prompt (each later call has one more token)
+            self.start = len(ids)
+        self.last = len(ids)
+        key = int(re.search(r"The pass key is (\d+)", self.tok.decode(ids[:self.start])).group(1))
+        if self.wrong:
+            key = 10000 + (key - 10000 + 1) % 90000  # another 5-digit key
+        answer = self.tok.encode(self.template.format(key=key), bos=False)
+        logits = torch.zeros(self.tok.vocab_size)
+        logits[answer[min(len(ids) - self.start, len(answer) - 1)]] = 1.0
+        return logits
+
+
+def test_scoring_with_fake_models(tok):
+    right = run_passkey(AnswersKey(tok), tok, [200, 400], trials=6, seed=1)
+    assert len(right) == 12 and all(r["correct"] for r in right)
+    assert [row["accuracy"] for row in passkey.accuracy_by_length(right)] == [1.0, 1.0]
+    assert all(r["predicted"] == str(r["passkey"]) and 10000 <= r["passkey"] <= 99999 for r in right)
+    wrong = run_passkey(AnswersKey(tok, wrong=True), tok, [200, 400], trials=6, seed=1)
+    assert not any(r["correct"] for r in wrong) and all(re.fullmatch(r"\d{5}", r["predicted"]) for r in wrong)
+    assert [row["accuracy"] for row in passkey.accuracy_by_length(wrong)] == [0.0, 0.0]
+    # exact match of the first run of digits: a longer number or digits after words
+    assert not any(r["correct"] for r in run_passkey(AnswersKey(tok, "{key}7."), tok, [200], trials=3, seed=1))
+    assert all(r["correct"] for r in run_passkey(AnswersKey(tok, "is {key}."), tok, [200], trials=3, seed=1))
+    assert not any(r["correct"] for r in run_passkey(AnswersKey(tok, "12 {key}."), tok, [200], trials=3, seed=1))
+
+
+def test_greedy_stops_after_the_digits(tok):
+    fake = AnswersKey(tok, "{key}. The grass is green.")
+    prompt = make_prompt(tok, 200, 13579, 0.5)
+    assert greedy_answer(fake, prompt.ids, tok, max_new_tokens=20) == "13579."
+    assert fake.calls == len(tok.encode("13579.", bos=False))  # "▁", five digits, "."
+    assert greedy_answer(AnswersKey(tok, "{key}"), prompt.ids, tok, max_new_tokens=3) == "13"  # token budget
+
+
+def test_depth_spread_and_determinism(tok):
+    records = run_passkey(AnswersKey(tok), tok, [300], trials=200, seed=0)
+    depths = np.array([r["depth"] for r in records])
+    assert depths.min() < 0.05 and depths.max() > 0.95
+    counts = np.histogram(depths, bins=5, range=(0, 1))[0]
+    assert counts.min() >= 20  # about 40 per fifth
+    assert abs(depths.mean() - 0.5) < 0.07
+    again = run_passkey(AnswersKey(tok), tok, [300], trials=200, seed=0)
+    assert again == records
+    other = run_passkey(AnswersKey(tok), tok, [300], trials=5, seed=1)
+    assert [r["passkey"] for r in other] != [r["passkey"] for r in records[:5]]
+
+
+def test_accuracy_grid():
+    records = [dict(length=8, depth=0.0, correct=True), dict(length=8, depth=0.05, correct=False),
+               dict(length=8, depth=1.0, correct=True), dict(length=16, depth=0.5, correct=True)]
+    grid = passkey.accuracy_grid(records, [8, 16], 2)
+    assert grid[0].tolist() == [0.5, 1.0] and np.isnan(grid[1, 0]) and grid[1, 1] == 1.0
+
+
+def test_default_lengths():
+    assert passkey.default_lengths(2048, 16384) == [2048, 4096, 8192, 16384]
+    assert passkey.default_lengths(2048, 2048) == [2048, 4096]
+    assert passkey.default_lengths(4096, 32768) == [4096, 8192, 16384, 32768]
+
+
+def test_model_decoding_equals_full_logits(tiny_model_dir):
+    model, tok = LLaMA.from_pretrained(tiny_model_dir), Tokenizer(tiny_model_dir)
+    prompt = make_prompt(tok, 250, 11111, 0.5)
+    next_logits = passkey.next_logits_of(model)
+    with torch.no_grad():
+        full = model(torch.tensor([prompt.ids]))[0, -1]
+    torch.testing.assert_close(next_logits(prompt.ids), full, rtol=1e-5, atol=1e-5)
+    ids = list(prompt.ids)  # brute-force greedy from full logits
+    with torch.no_grad():
+        for _ in range(4):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert greedy_answer(next_logits, prompt.ids, tok, max_new_tokens=4) == tok.decode(ids[len(prompt.ids):])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+def cli(*args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "passkey.py"), *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_cli(tiny_model_dir, tmp_path):
+    bad = {
+        "missing model": (["--model", "nowhere"], "model directory not found"),
+        "length 0": (["--model", tiny_model_dir, "--lengths", 300, 0], "--lengths must be >= 1"),
+        "bad rope": (["--model", tiny_model_dir, "--rope", "yarn"], "needs a factor"),
+    }
+    procs = {name: cli(*args, "--json", "out.json", "--plot", "out.png", cwd=str(tmp_path))
+             for name, (args, _) in bad.items()}
+    good = cli("--model", tiny_model_dir, "--lengths", 300, 400, "--trials", 2, "--json", "good.json", "--plot",
+               "good.png", cwd=str(tmp_path))
+    for name, proc in procs.items():
+        out, err = proc.communicate()
+        lines = err.strip().splitlines()
+        assert proc.returncode != 0 and len(lines) == 1, (name, err)
+        assert lines[0].startswith("error: ") and bad[name][1] in lines[0], (name, err)
+    assert not os.path.exists(tmp_path / "out.json") and not os.path.exists(tmp_path / "out.png")
+    out, err = good.communicate()
+    assert good.returncode == 0, err
+    # both lengths are beyond the 64 positions of the tiny unscaled model: a warning, and the run goes on
+    assert err.strip().splitlines() == [f"warning: {os.path.basename(tiny_model_dir)} with rope none supports 64 "
+                                        "positions, fewer than length 300, 400"]
+    result = json.load(open(tmp_path / "good.json"))
+    assert result["lengths"] == [300, 400] and result["trials"] == 2 and result["seed"] == 0
+    assert len(result["records"]) == 4
+    assert set(result["records"][0]) >= {"length", "depth", "passkey", "prompt_tokens", "predicted", "correct"}
+    for row in result["accuracy"]:
+        assert f"| {row['length']} |" in out and f"| {row['accuracy']:.2f} |" in out
+        assert row["prompt_tokens_max"] <= row["length"]
+    assert open(tmp_path / "good.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["good.json", "good.png"]  # no temporary files left
