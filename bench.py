@@ -3,6 +3,7 @@ is noisy; absolute numbers are only comparable on the same machine.
 
     python bench.py model          # training step (fwd + bwd) of our LLaMA vs transformers' LlamaForCausalLM (sdpa)
     python bench.py loss           # peak memory of model.loss vs full logits as T grows (32k vocabulary)
+    python bench.py pose           # one optimizer step: PoSE at train_len vs full-length at 2x, 4x, 8x (Figure 3)
     python bench.py all
 
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU, the growth of the process's peak resident set
@@ -117,8 +118,55 @@ def bench_loss(args):
         print(f"| {T} | {full['peak_mb']:.0f} | {ours['peak_mb']:.0f} |")
 
 
-WORKERS = {"loss": worker_loss}
-SECTIONS = {"model": bench_model, "loss": bench_loss}
+# ----------------------------------------------------------------------------------------------------------------------
+# PoSE vs full-length: cost of one optimizer step (the paper's Figure 3)
+
+def worker_step(seq_len, target, method, repeats=3):
+    """One optimizer step (forward, backward, AdamW) on one example of seq_len tokens, with positions up to target."""
+    import numpy as np
+
+    from model import LLaMA, ModelConfig
+    from pose import make_example
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=4, n_kv_heads=4, intermediate_size=704,
+                              max_position_embeddings=seq_len, rope_scaling={"rope_type": "linear",
+                                                                             "factor": target / seq_len}))
+    model.init_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    doc = np.arange(max(seq_len, target) * 2) % 4096
+    ids, pos = make_example(method, doc, seq_len, target, rng=np.random.default_rng(0))
+    ids, pos = torch.from_numpy(ids)[None], torch.from_numpy(pos)[None]
+    targets = torch.roll(ids, -1, 1)
+    base = rss_mb()
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        model.loss(ids, targets, pos).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times[1:]), "peak_mb": peak_rss_mb() - base, "tokens": ids.shape[1]}
+
+
+def bench_pose(args):
+    L = args.train_len
+    print(f"# one optimizer step, 1 example, 4 layers, dim 256, vocab 4096, fp32, train_len {L}: PoSE trains on {L} "
+          f"tokens whatever the target, full-length on target tokens")
+    print("| target | PoSE s/step | full s/step | full / PoSE time | PoSE peak MB | full peak MB | full / PoSE memory |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for mult in (2, 4, 8):
+        target = L * mult
+        pose = measure_in_subprocess("step", seq_len=L, target=target, method="pose")
+        full = measure_in_subprocess("step", seq_len=target, target=target, method="full")
+        rows.append({"target": target, "pose": pose, "full": full})
+        print(f"| {target} | {pose['seconds']:.2f} | {full['seconds']:.2f} | {full['seconds'] / pose['seconds']:.1f}x "
+              f"| {pose['peak_mb']:.0f} | {full['peak_mb']:.0f} | {full['peak_mb'] / pose['peak_mb']:.1f}x |")
+    return rows
+
+
+WORKERS = {"loss": worker_loss, "step": worker_step}
+SECTIONS = {"model": bench_model, "loss": bench_loss, "pose": bench_pose}
 
 
 def main():
@@ -127,7 +175,8 @@ def main():
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("section", choices=[*SECTIONS, "all"])
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=2048, help="model: sequence length")
+    parser.add_argument("--train-len", type=int, default=512, help="pose: the training window")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()

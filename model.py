@@ -158,7 +158,7 @@ class Attention(nn.Module):
         self.rope = rope
         self.attn_impl = "auto"  # "auto": flash-attn on CUDA in fp16/bf16 when installed, else SDPA; "sdpa"; "flash"
 
-    def forward(self, x, positions):
+    def forward(self, x, positions, kv=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -167,6 +167,14 @@ class Attention(nn.Module):
         # cos/sin table handed into the block to bf16.
         cos, sin = self.rope(positions)  # (B, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:  # incremental decoding: prepend the cached (already rotated) keys and values
+            if kv[0] is not None:
+                k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)  # (B, nkv, T_past + T, hd)
+            kv[0], kv[1] = k, v
+        # a prefill is causal; one new token attends to everything cached (SDPA's is_causal aligns top-left)
+        causal = k.shape[2] == T
+        if not causal and T != 1:
+            raise ValueError("with a non-empty cache, feed one token at a time")
         flash = _flash_attn_func() if self.attn_impl != "sdpa" else None
         use_flash = flash is not None and (self.attn_impl == "flash" or (
             q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)))
@@ -174,10 +182,10 @@ class Attention(nn.Module):
             raise RuntimeError("attn_impl='flash' but flash_attn is not installed")
         if use_flash:
             # flash-attn takes (B, T, heads, hd) and handles GQA itself (fewer k/v heads); causal mask built in
-            y = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)  # (B, T, nh, hd)
+            y = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)  # (B, T, nh, hd)
         else:
             # The causal mask is over sequence order, which PoSE keeps increasing: positions only enter via RoPE.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                                enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hd)
             y = y.transpose(1, 2)  # (B, T, nh, hd)
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
@@ -204,9 +212,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions):
-        x = x + self.self_attn(self.input_layernorm(x), positions)
+    def forward(self, x, positions, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Rotated keys and values of the tokens read so far, per layer: greedy decoding reads a prompt once and then
+    one token per step (passkey.py). Inference only."""
+
+    def __init__(self, n_layers):
+        self.layers = [[None, None] for _ in range(n_layers)]
+        self.length = 0
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -280,21 +297,29 @@ class LLaMA(nn.Module):
         for block in self.layers:
             block.self_attn.attn_impl = impl
 
-    def hidden_states(self, tokens, positions=None):
-        """tokens, positions (B, T) -> final normalized hidden states (B, T, dim)."""
+    def hidden_states(self, tokens, positions=None, cache=None):
+        """tokens, positions (B, T) -> final normalized hidden states (B, T, dim).
+
+        cache: a KVCache for incremental decoding (inference); positions then default to continue after the cached
+        tokens."""
         B, T = tokens.shape
         if positions is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         elif positions.shape != tokens.shape:
             raise ValueError(f"positions {tuple(positions.shape)} must have the shape of tokens {tuple(tokens.shape)}")
         if positions.dtype.is_floating_point:
             raise TypeError("positions must be integers (fp16/bf16 cannot represent large positions exactly)")
         x = self.embed_tokens(tokens)  # (B, T, dim)
-        for block in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        for i, block in enumerate(self.layers):
+            if cache is not None:
+                x = block(x, positions, cache.layers[i])
+            elif self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, positions, use_reentrant=False)
             else:
                 x = block(x, positions)
+        if cache is not None:
+            cache.length += T
         return self.norm(x)
 
     def forward(self, tokens, positions=None, targets=None):

@@ -310,3 +310,20 @@ def test_bad_checkpoints(tmp_path, case, match):
         _edit_config(path, num_hidden_layers=3)
     with pytest.raises(CheckpointError, match=match):
         LLaMA.from_pretrained(path)
+
+
+def test_kv_cache_decoding_equals_full_forward(tmp_path):
+    from model import KVCache
+    path, _ = hf_checkpoint(tmp_path, num_key_value_heads=2, rope=ROPES["yarn"])
+    ours = LLaMA.from_pretrained(path)
+    tokens = torch.randint(0, 96, (1, 20))
+    with torch.no_grad():
+        want = ours(tokens)
+        cache = KVCache(ours.cfg.n_layers)
+        got = [ours.lm_head(ours.hidden_states(tokens[:, :12], cache=cache))]
+        for t in range(12, 20):
+            got.append(ours.lm_head(ours.hidden_states(tokens[:, t:t + 1], cache=cache)))
+        assert cache.length == 20
+        assert rel_err(torch.cat(got, dim=1), want) < 1e-5
+        with pytest.raises(ValueError, match="one token at a time"):
+            ours.hidden_states(tokens[:, :2], cache=cache)
