@@ -4,8 +4,9 @@
     python evaluate.py --model llama-7b --rope none linear:8 yarn:8 --data data/proofpile \\
         --ctx 2048 4096 8192 16384 --json table6.json             # Original and PI-only rows of Table 6
     python evaluate.py --model llama-7b --model pose-2k-16k --data proofpile.jsonl --ctx 2048 16384
-    # tiny CPU run (a few seconds): the bundled tokenizer and a model trained by train.py on the book corpus
-    python evaluate.py --model out/tiny --data assets/books/eval --ctx 256 512 --stride 128 --docs 2
+    # tiny CPU run (seconds): the bundled tiny model (scripts/pretrain_tiny.sh, a 256-token window) on two plays;
+    # ctx 512 is beyond its window: a warning, and the perplexity shows it
+    python evaluate.py --model assets/tiny --data assets/books/eval --ctx 128 256 512 --stride 64 --docs 2
 
 The protocol. A document is stored as BOS x_0 .. x_{n-1} (data.py). For a context size `ctx` and a `stride`,
 window k = 0, 1, ... covers the document tokens [b_k, e_k) with
@@ -24,9 +25,9 @@ token-weighted over all documents (not a mean of per-document perplexities). Cas
     first ctx - 1 of them by the first window (x_0 from the BOS alone), later ones with >= ctx - 1 - stride tokens
     of context. This equals the official PoSE code (src/eval_ppl.py) and Hugging Face's recipe.
   - stride == ctx - 1: windows tile the document, every token scored once.
-  - stride >= ctx: tokens between windows (x[e_{k-1}:b_k], stride - ctx + 1 of them) are never scored and are not
-    counted; a window's first token is then predicted from the BOS alone. (The official code counts those tokens
-    anyway; we count what is scored.)
+  - stride >= ctx: the tokens between windows (x[e_{k-1}:b_k], stride - ctx + 1 of them) and those after the last
+    window (when the next b_k would be >= n) are never scored, and not counted; each window's first token is
+    predicted from the BOS alone. (The official code counts the skipped tokens anyway; we count what is scored.)
   - n <= ctx - 1 (a document shorter than the window): one window, the whole document.
 
 Data: the first --docs documents of --data (a prepared dataset or raw .jsonl/.txt/.gz/directory, tokenized with
@@ -113,7 +114,7 @@ def perplexity(model, docs, ctx, stride=1024, progress=False):
     device = next(model.parameters()).device
     docs = [torch.as_tensor(np.asarray(doc, dtype=np.int64)) for doc in docs]
     plans = [list(windows(len(doc) - 1, ctx, stride)) for doc in docs]
-    nll, scored = 0.0, 0  # Python floats are float64: the sum stays exact to ~1e-16 over millions of tokens
+    nll, scored = 0.0, 0  # summed in float64 (Python floats), over millions of tokens
     bar = tqdm(total=sum(map(len, plans)), unit="win", desc=progress if isinstance(progress, str) else None,
                disable=None if progress else True, leave=False)
     with _no_param_grads(model), bar:

@@ -2,8 +2,8 @@
 
     python passkey.py --model pose-2k-16k --lengths 2048 4096 8192 16384 --json passkey.json --plot passkey.png
     python passkey.py --model llama-7b --rope linear:8 --lengths 2048 4096 8192 16384      # the PI-only baseline
-    # tiny CPU run (seconds): a small model trained by train.py on the bundled book corpus
-    python passkey.py --model out/tiny --lengths 256 512 --trials 5
+    # tiny CPU run (seconds): the bundled tiny model (scripts/pretrain_tiny.sh, a 256-token window)
+    python passkey.py --model assets/tiny --lengths 128 256 512 --trials 10 --plot passkey.png
 
 The prompt is the one of Mohtashami & Jaggi (2023) that the paper shows in Figure 2a, one part per line:
 
@@ -313,7 +313,8 @@ def main(argv=None):
         print(f"passkey retrieval, {name}, rope {rope}, {args.trials} trials per length, seed {args.seed}")
         print(format_table(rows))
         if args.json:
-            write_json(args.json, dict(info, lengths=lengths, trials=args.trials, seed=args.seed,
+            write_json(args.json, dict(info, dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
+                                       device=args.device, lengths=lengths, trials=args.trials, seed=args.seed,
                                        max_new_tokens=args.max_new_tokens, accuracy=rows, records=records))
         if args.plot:
             write_plot(args.plot, records, lengths, args.depth_bins,
