@@ -156,16 +156,29 @@ def test_default_lengths():
 
 def test_model_decoding_equals_full_logits(tiny_model_dir):
     model, tok = LLaMA.from_pretrained(tiny_model_dir), Tokenizer(tiny_model_dir)
-    prompt = make_prompt(tok, 250, 11111, 0.5)
-    next_logits = passkey.next_logits_of(model)
+    cached, uncached = passkey.next_logits_of(model), passkey.next_logits_of(model, use_cache=False)
+    for key in (11111, 22222):  # the second prompt must not see the first one's cache
+        prompt = make_prompt(tok, 250, key, 0.5)
+        ids = list(prompt.ids)  # brute-force greedy from the full logits of model(tokens)
+        with torch.no_grad():
+            for step in range(4):
+                full = model(torch.tensor([ids]))[0, -1]
+                torch.testing.assert_close(cached(ids), full, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(uncached(ids), full, rtol=1e-5, atol=1e-5)
+                ids.append(int(full.argmax()))
+        want = tok.decode(ids[len(prompt.ids):])
+        for next_logits in (passkey.next_logits_of(model), uncached):
+            assert greedy_answer(next_logits, prompt.ids, tok, max_new_tokens=4) == want
+
+
+def test_dynamic_ntk_decodes_without_cache(tiny_model_dir):
+    from rope import scaling_from_spec
+    model = LLaMA.from_pretrained(tiny_model_dir)
+    model.set_rope_scaling(scaling_from_spec("dynamic:4", 64))  # rescales with the length: cached keys go stale
+    next_logits, ids = passkey.next_logits_of(model), torch.randint(3, 300, (200,)).tolist()
     with torch.no_grad():
-        full = model(torch.tensor([prompt.ids]))[0, -1]
-    torch.testing.assert_close(next_logits(prompt.ids), full, rtol=1e-5, atol=1e-5)
-    ids = list(prompt.ids)  # brute-force greedy from full logits
-    with torch.no_grad():
-        for _ in range(4):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert greedy_answer(next_logits, prompt.ids, tok, max_new_tokens=4) == tok.decode(ids[len(prompt.ids):])
+        for n in (199, 200):  # a prompt, then one more token (beyond the 64-token original window)
+            torch.testing.assert_close(next_logits(ids[:n]), model(torch.tensor([ids[:n]]))[0, -1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
