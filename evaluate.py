@@ -45,7 +45,6 @@ that is where the Original rows of Table 1 are > 10^3.
 In code (bench.py): `evaluate.perplexity(model, docs, ctx, stride)` -> {"ppl", "nll", "tokens", "windows", ...}.
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -60,8 +59,9 @@ from model import LLaMA, Tokenizer, read_config
 from rope import rope_type, scaling_from_spec
 
 # A later change may point these at a bundled tiny model and corpus; None makes the flag required.
-DEFAULT_MODEL = None
-DEFAULT_DATA = None
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
+DEFAULT_DATA = os.path.join(HERE, "assets", "books", "eval")  # held-out public-domain plays
 CHECKPOINT = "checkpoint"  # the --rope value that keeps the checkpoint's own scaling
 
 
@@ -85,23 +85,6 @@ def windows(n, ctx, stride):
         begin, prev_end = begin + stride, end
 
 
-@contextlib.contextmanager
-def _no_param_grads(model):
-    """Parameters with requires_grad=False while evaluating, restored after.
-
-    model.loss's chunked cross-entropy computes its gradients in the forward pass whenever an input requires grad
-    (autograd.Function sees requires_grad, not torch.no_grad), i.e. it would build a vocab x dim fp32 gradient of the
-    output projection for nothing; frozen parameters make it skip that."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 @torch.no_grad()
 def perplexity(model, docs, ctx, stride=1024, progress=False):
     """Sliding-window perplexity of `model` over `docs` at context size `ctx` (the module docstring's protocol).
@@ -117,7 +100,7 @@ def perplexity(model, docs, ctx, stride=1024, progress=False):
     nll, scored = 0.0, 0  # summed in float64 (Python floats), over millions of tokens
     bar = tqdm(total=sum(map(len, plans)), unit="win", desc=progress if isinstance(progress, str) else None,
                disable=None if progress else True, leave=False)
-    with _no_param_grads(model), bar:
+    with bar:
         for doc, plan in zip(docs, plans):
             bos, x = doc[:1], doc[1:]
             for begin, end, first in plan:

@@ -331,7 +331,10 @@ class LLaMA(nn.Module):
         h = self.hidden_states(tokens, positions)
         if targets is None:
             return self.lm_head(h)
-        nll = ChunkedCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.loss_chunk)
+        weight = self.lm_head.weight
+        if not torch.is_grad_enabled():  # autograd.Function sees requires_grad even under no_grad: skip the gradients
+            h, weight = h.detach(), weight.detach()
+        nll = ChunkedCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), self.loss_chunk)
         return nll / (targets != -100).sum().clamp(min=1)
 
     def loss(self, tokens, targets, positions=None):

@@ -47,7 +47,7 @@ from evaluate import (CHECKPOINT, DTYPES, Parser, check_model, check_out_path, c
 from model import KVCache, Tokenizer
 from rope import rope_type
 
-DEFAULT_MODEL = None  # a later change may point this at a bundled tiny model; None makes --model required
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # the bundled base
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")

@@ -51,8 +51,9 @@ from model import CheckpointError, LLaMA, ModelConfig, Tokenizer, read_config, r
 from pose import example_rng, make_example
 from rope import scaling_from_spec
 
-DEFAULT_MODEL = "assets/tiny"  # the bundled tiny base model (256-token window), used when --model is not given
-DEFAULT_DATA = "assets/books/train"  # the bundled public-domain books
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
+DEFAULT_DATA = os.path.join(HERE, "assets", "books", "train")  # the bundled public-domain books
 
 
 class UsageError(ValueError):
@@ -74,10 +75,12 @@ def parse_args(argv=None):
                    help="PoSE chunk content (paper appendix A; uniform is the paper's default)")
     p.add_argument("--rope", default="linear", help="interpolation, factor target/train_len: linear (paper default),"
                                                     " ntk, yarn, yarn-revised, none")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64, help="global batch, in examples")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="examples per process per forward/backward")
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000; bundled model: 100)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch, in examples (default 64; bundled "
+                                                                   "model: 16)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="examples per process per forward/backward "
+                   "(default 1; bundled model: the whole per-process batch)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5; bundled model: 2e-4)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off; HF Trainer's default, "
@@ -99,7 +102,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+PAPER_RECIPE = {"steps": 1000, "batch_size": 64, "lr": 2e-5}  # section 4.1, for LLaMA-7B
+# The bundled tiny model's recipe: a few minutes on a 2-core CPU; a 4M-parameter model needs a larger step size.
+TINY_RECIPE = {"steps": 100, "batch_size": 16, "lr": 2e-4}
+
+
 def check_args(args, world):
+    recipe = TINY_RECIPE if args.model is None and args.init is None else PAPER_RECIPE
+    for key, value in recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.micro_batch_size is None:
+        args.micro_batch_size = max(1, args.batch_size // world) if recipe is TINY_RECIPE else 1
     if args.target <= 0:
         raise UsageError(f"--target must be positive, got {args.target}")
     if args.train_len is not None and args.train_len > args.target:
@@ -398,8 +412,14 @@ def train(args):
     bar.close()
     export(model, args, rank, tokenizer_path)
     if rank == 0:
-        print(f"saved the extended model to {args.out}\nnext: python evaluate.py --model {args.out} "
-              f"--ctx {args.train_len} {args.target}   and   python passkey.py --model {args.out}")
+        ctxs = [args.train_len]
+        while ctxs[-1] * 2 <= args.target:
+            ctxs.append(ctxs[-1] * 2)
+        data_flag = "" if args.model == DEFAULT_MODEL else " --data YOUR_EVAL_DATA"
+        base = "" if args.init else f" --model {os.path.relpath(args.model)}"
+        print(f"saved the extended model to {args.out}\nnext: python evaluate.py{base} --model {args.out}{data_flag} "
+              f"--ctx {' '.join(map(str, ctxs))}\n      python passkey.py --model {args.out} "
+              f"--lengths {' '.join(map(str, ctxs))}")
 
 
 def main(argv=None):

@@ -115,7 +115,7 @@ def test_perplexity_never_builds_full_logits(model, monkeypatch):
     monkeypatch.setattr(model.lm_head, "forward", no_logits)
     flags = [p.requires_grad for p in model.parameters()]
     perplexity(model, make_docs([30]), 8, 3)
-    assert [p.requires_grad for p in model.parameters()] == flags  # frozen while evaluating, restored after
+    assert [p.requires_grad for p in model.parameters()] == flags  # parameters left as they were
 
 
 def test_original_and_supported_window():

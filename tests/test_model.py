@@ -327,3 +327,20 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
         assert rel_err(torch.cat(got, dim=1), want) < 1e-5
         with pytest.raises(ValueError, match="one token at a time"):
             ours.hidden_states(tokens[:, :2], cache=cache)
+
+
+def test_loss_under_no_grad_computes_no_gradients(tmp_path, monkeypatch):
+    """The chunked loss computes gradients in its forward pass when its inputs require grad; under no_grad (evaluation)
+    it must not, or evaluation pays for a vocab x dim gradient it throws away."""
+    from model import ChunkedCrossEntropy
+    seen = []
+    original = ChunkedCrossEntropy.apply
+    monkeypatch.setattr(ChunkedCrossEntropy, "apply", lambda h, w, *a: seen.append(
+        (h.requires_grad, w.requires_grad)) or original(h, w, *a))
+    path, _ = hf_checkpoint(tmp_path)
+    ours = LLaMA.from_pretrained(path)
+    tokens, _ = sample_inputs()
+    with torch.no_grad():
+        ours.loss(tokens, tokens)
+    ours.loss(tokens, tokens)
+    assert seen == [(False, False), (True, True)]
