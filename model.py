@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rope import RoPE, apply_rope, rope_frequencies, rope_type
+from rope import RoPE, apply_rope, rope_type
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "BaichuanForCausalLM")
 MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size

@@ -34,7 +34,6 @@ import shutil
 import socket
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -73,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--chunks", type=int, default=2, help="PoSE chunks per example (paper: 2)")
     p.add_argument("--content", choices=("uniform", "contiguous", "aligned"), default="uniform",
                    help="PoSE chunk content (paper appendix A; uniform is the paper's default)")
+    p.add_argument("--split", choices=("uniform", "official"), default="uniform",
+                   help="PoSE chunk lengths: a uniform random split (paper appendix code) or the official code's "
+                        "(first chunk at most half the window; N <= 2)")
     p.add_argument("--rope", default="linear", help="interpolation, factor target/train_len: linear (paper default),"
                                                     " ntk, yarn, yarn-revised, none")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000; bundled model: 100)")
@@ -191,7 +193,7 @@ def batch_for(step, micro, rank, world, args, corpus, train_len):
         rng = example_rng(args.seed, index)
         doc = corpus.sample_doc(rng)
         rows.append(make_example(args.method, doc, train_len, args.target, chunks=args.chunks, content=args.content,
-                                 rng=rng))
+                                 rng=rng, split=args.split))
     ids = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
     positions = torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.int64))
     # Next-token prediction inside the example, as the official code does (labels = input_ids, shifted by one):
