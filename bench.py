@@ -4,6 +4,7 @@ is noisy; absolute numbers are only comparable on the same machine.
     python bench.py model          # training step (fwd + bwd) of our LLaMA vs transformers' LlamaForCausalLM (sdpa)
     python bench.py loss           # peak memory of model.loss vs full logits as T grows (32k vocabulary)
     python bench.py pose           # one optimizer step: PoSE at train_len vs full-length at 2x, 4x, 8x (Figure 3)
+    python bench.py eval           # peak memory of evaluate.py at 8k and 32k tokens (32k vocabulary)
     python bench.py all
 
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU, the growth of the process's peak resident set
@@ -165,8 +166,34 @@ def bench_pose(args):
     return rows
 
 
-WORKERS = {"loss": worker_loss, "step": worker_step}
-SECTIONS = {"model": bench_model, "loss": bench_loss, "pose": bench_pose}
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluate.py's peak memory at a long context
+
+def worker_eval(ctx, vocab=32000):
+    import numpy as np
+
+    import evaluate
+    from model import LLaMA, ModelConfig
+    torch.manual_seed(0)
+    model = LLaMA(ModelConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=2, n_kv_heads=2, intermediate_size=128,
+                              max_position_embeddings=ctx)).eval()
+    docs = [np.concatenate([[1], np.random.default_rng(0).integers(3, vocab, ctx + ctx // 2)])]
+    base = rss_mb()
+    r = evaluate.perplexity(model, docs, ctx, stride=ctx // 2)
+    return {"peak_mb": peak_rss_mb() - base, "windows": r["windows"], "tokens": r["tokens"]}
+
+
+def bench_eval(args):
+    print("# evaluate.perplexity at a long context, vocabulary 32000 (tiny model): peak MB above the pre-run RSS")
+    print("| ctx | evaluate.py peak MB | full fp32 logits of one window, MB |")
+    print("|---|---|---|")
+    for ctx in (8192, 32768):
+        r = measure_in_subprocess("eval", ctx=ctx)
+        print(f"| {ctx} | {r['peak_mb']:.0f} | {ctx * 32000 * 4 / 2**20:.0f} |")
+
+
+WORKERS = {"loss": worker_loss, "step": worker_step, "eval": worker_eval}
+SECTIONS = {"model": bench_model, "loss": bench_loss, "pose": bench_pose, "eval": bench_eval}
 
 
 def main():

@@ -243,7 +243,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         for i in range(0, h.shape[0], chunk):
             h_c, t_c = h[i:i + chunk], targets[i:i + chunk]  # (c, dim), (c,)
-            logp = torch.log_softmax((h_c @ weight.T).float(), dim=-1)  # (c, vocab)
+            logp = (h_c @ weight.T).float()  # (c, vocab) logits, a fresh tensor: normalized in place below
+            logp -= torch.logsumexp(logp, dim=-1, keepdim=True)  # log-probabilities
             valid = t_c != -100
             t_safe = torch.where(valid, t_c, 0)
             total -= (logp.gather(1, t_safe[:, None])[:, 0] * valid).sum()
