@@ -1,0 +1,64 @@
+"""The bundled tiny base model and corpus (assets/): what the README's first command and the toy reproduction rely
+on. Cheap checks only; the reproduction itself (scripts/reproduce.py) is not part of the test suite."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import evaluate
+import passkey
+from model import LLaMA, Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = os.path.join(ROOT, "assets", "tiny")
+
+
+@pytest.fixture(scope="module")
+def base():
+    model = LLaMA.from_pretrained(BASE)
+    return model, Tokenizer(BASE)
+
+
+@pytest.fixture(scope="module")
+def eval_docs(base):
+    corpus = data.load_corpus(os.path.join(ROOT, "assets", "books", "eval"), base[1], min_tokens=2048)
+    assert len(corpus) == 6
+    return [corpus[i][:2048] for i in range(2)]
+
+
+def test_bundled_model_config(base):
+    model, tokenizer = base
+    assert model.cfg.max_position_embeddings == 256 and model.cfg.rope_scaling is None
+    assert tokenizer.vocab_size == model.cfg.vocab_size == 4096
+    assert model.lm_head.weight.dtype == torch.float32  # stored in bf16, loaded in the requested dtype
+
+
+def test_perplexity_inside_the_window_and_explodes_beyond(base, eval_docs):
+    """The paper's "Original" row: fine inside the pretraining window, far worse beyond it without interpolation.
+    (Measured when the model was made: 34.7 and 96.6 on these two plays.)"""
+    model, _ = base
+    inside = evaluate.perplexity(model, eval_docs, 256, 128)["ppl"]  # scored tokens at positions 128..255
+    beyond = evaluate.perplexity(model, eval_docs, 1024, 128)["ppl"]  # scored tokens at positions 896..1023
+    assert inside < 40
+    assert beyond > 2.5 * inside
+
+
+def test_passkey_inside_the_window(base):
+    model, tokenizer = base
+    records = passkey.run_passkey(model, tokenizer, [256], trials=10, seed=0)
+    assert sum(r["correct"] for r in records) >= 8
+
+
+def test_main_command_runs_on_the_bundled_defaults(tmp_path):
+    """README's `python train.py --target 2048`, shortened: no --model, no --data."""
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--target", "512", "--steps", "2",
+                          "--batch-size", "2", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "next: python evaluate.py" in res.stdout
+    extended = LLaMA.from_pretrained(out)
+    assert extended.cfg.max_position_embeddings == 512
+    assert extended.cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
