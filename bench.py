@@ -151,8 +151,8 @@ def worker_step(seq_len, target, method, repeats=3):
 
 def bench_pose(args):
     L = args.train_len
-    print(f"# one optimizer step, 1 example, 4 layers, dim 256, vocab 4096, fp32, train_len {L}: PoSE trains on {L} "
-          f"tokens whatever the target, full-length on target tokens")
+    print(f"# one optimizer step, 1 example, 4 layers, dim 256, vocab 4096, fp32, train_len {L}: PoSE trains on "
+          f"{L} tokens whatever the target, full-length on target tokens")
     print("| target | PoSE s/step | full s/step | full / PoSE time | PoSE peak MB | full peak MB | full / PoSE memory |")
     print("|---|---|---|---|---|---|---|")
     rows = []

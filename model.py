@@ -94,7 +94,8 @@ class ModelConfig:
         return cls(rope_theta=float(theta), rope_scaling=scaling, extra=extra, **kw)
 
     def to_hf(self, dtype=None):
-        """A config.json that transformers' LlamaForCausalLM loads, rope in the legacy form (rope_theta, rope_scaling)."""
+        """A config.json that transformers' LlamaForCausalLM loads; rope in the legacy form (rope_theta,
+        rope_scaling)."""
         cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu"}
         cfg.update({k: v for k, v in self.extra.items() if k not in ("architecture", "auto_map")})
         cfg.update({theirs: getattr(self, ours) for ours, theirs in self.HF_NAMES.items()})
@@ -277,7 +278,7 @@ class LLaMA(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False  # recompute each block in backward (train.py turns it on for CUDA)
-        self.loss_chunk = 2048  # rows per chunk of the output projection in the loss: 256 MB of fp32 logits at 32k vocab
+        self.loss_chunk = 2048  # rows per chunk of the loss's output projection: 256 MB of fp32 logits at 32k
         self.source = None  # directory this model was loaded from (its tokenizer files are copied on save)
 
     def init_weights(self, std=0.02):

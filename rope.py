@@ -71,8 +71,8 @@ def dynamic_ntk_frequencies(head_dim, theta, factor, original_len, seq_len=None)
     """Dynamic NTK (emozilla, 2023): NTK scaling whose strength follows the current sequence length.
 
     With L = max(seq_len, L_orig) the base becomes base * (s * L / L_orig - (s - 1))^(d / (d - 2)): fixed NTK with a
-    factor that grows linearly with the length, 1 (plain RoPE) up to the original window. `seq_len` is the longest position + 1 in the batch; it may
-    be a tensor (then no host synchronization is needed). transformers keeps a cache that only grows between calls;
+    factor that grows linearly with the length, 1 (plain RoPE) up to the original window. `seq_len` is the longest
+    position + 1 in the batch; it may be a tensor (then no host synchronization is needed). transformers keeps a cache that only grows between calls;
     we compute from the current batch alone, which equals transformers' result on a fresh model.
     """
     if seq_len is None:

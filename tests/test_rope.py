@@ -116,8 +116,8 @@ def test_scaling_from_spec():
     assert scaling_from_spec("none", 2048) is None
     assert scaling_from_spec("linear:8", 2048) == {"rope_type": "linear", "factor": 8.0}
     assert scaling_from_spec("ntk", 2048, factor=4) == {"rope_type": "ntk", "factor": 4.0}
-    assert scaling_from_spec("yarn-revised:16", 2048) == {"rope_type": "yarn", "factor": 16.0, "yarn_variant": "revised",
-                                                          "original_max_position_embeddings": 2048}
+    assert scaling_from_spec("yarn-revised:16", 2048) == {
+        "rope_type": "yarn", "factor": 16.0, "yarn_variant": "revised", "original_max_position_embeddings": 2048}
     for bad, match in (("foo:2", "unknown rope"), ("linear:x", "not a number"), ("yarn", "needs a factor"),
                        ("linear:0.5", "needs a factor")):
         with pytest.raises(ValueError, match=match):
