@@ -153,7 +153,8 @@ def bench_pose(args):
     L = args.train_len
     print(f"# one optimizer step, 1 example, 4 layers, dim 256, vocab 4096, fp32, train_len {L}: PoSE trains on "
           f"{L} tokens whatever the target, full-length on target tokens")
-    print("| target | PoSE s/step | full s/step | full / PoSE time | PoSE peak MB | full peak MB | full / PoSE memory |")
+    print("| target | PoSE s/step | full s/step | full / PoSE time | PoSE peak MB | full peak MB | full / PoSE memory "
+          "|")
     print("|---|---|---|---|---|---|---|")
     rows = []
     for mult in (2, 4, 8):

@@ -72,8 +72,9 @@ def dynamic_ntk_frequencies(head_dim, theta, factor, original_len, seq_len=None)
 
     With L = max(seq_len, L_orig) the base becomes base * (s * L / L_orig - (s - 1))^(d / (d - 2)): fixed NTK with a
     factor that grows linearly with the length, 1 (plain RoPE) up to the original window. `seq_len` is the longest
-    position + 1 in the batch; it may be a tensor (then no host synchronization is needed). transformers keeps a cache that only grows between calls;
-    we compute from the current batch alone, which equals transformers' result on a fresh model.
+    position + 1 in the batch; it may be a tensor (then no host synchronization is needed). transformers keeps a
+    cache that only grows between calls; we compute from the current batch alone, which equals transformers' result
+    on a fresh model.
     """
     if seq_len is None:
         seq_len = original_len
