@@ -258,7 +258,8 @@ def pi_positions(train_len):
 def make_example(method, doc, train_len, target_len, chunks=2, content="uniform", rng=None, split="uniform"):
     """One training example (input_ids, positions), int64, for any method of the paper.
 
-      pose     pose_example(doc, ...): train_len tokens, chunked content, skipped positions
+      pose     pose_example(...) on a window of max(5 train_len, target_len) tokens at a random offset
+               of the document: train_len tokens, chunked content, skipped positions
       full     target_len consecutive tokens from a random offset, positions 0 .. target_len - 1;
                the document needs >= target_len tokens
       randpos  train_len consecutive tokens from a random offset, randpos_positions(...)
@@ -270,7 +271,16 @@ def make_example(method, doc, train_len, target_len, chunks=2, content="uniform"
     _check_choice("method", method, METHODS)
     train_len, target_len, chunks = _check_lengths(train_len, target_len, chunks)
     if method == "pose":
-        return pose_example(doc, train_len, target_len, chunks, content, rng, split)
+        # Eq. 5 sets v_0 = 0: the first chunk starts at the document's first token. The official code uses each
+        # document once, truncated to 5 * train_len tokens; we draw documents with replacement (data.py), so a long
+        # document would give every one of its examples the same opening. So PoSE reads a window of
+        # max(5 * train_len, target_len) tokens at a uniform offset of the document, as the official code reads its
+        # truncated document (target_len at least, so that `aligned` content stays aligned).
+        doc = _as_doc(doc, train_len, "train_len")
+        rng = np.random.default_rng(rng)
+        span = max(5 * train_len, target_len)
+        start = int(rng.integers(0, len(doc) - span + 1)) if len(doc) > span else 0
+        return pose_example(doc[start:start + span], train_len, target_len, chunks, content, rng, split)
     _check_choice("content", content, CONTENTS)  # unused below, but a typo should still fail
     _check_choice("split", split, SPLITS)
     window = target_len if method == "full" else train_len

@@ -242,9 +242,24 @@ def test_make_example(method, length):
             assert np.array_equal(ids, ids[0] + np.arange(length)) and ids[-1] <= 104
         if method in ("full", "pi"):
             assert np.array_equal(pos, np.arange(length))
-    ids, pos = pose.make_example("pose", doc, 16, 64, 3, "uniform", 11)
-    ids2, pos2 = pose.pose_example(doc, 16, 64, 3, "uniform", 11)
+    short = doc[:80]  # no longer than max(5 * train_len, target_len): PoSE reads the whole document
+    ids, pos = pose.make_example("pose", short, 16, 64, 3, "uniform", 11)
+    ids2, pos2 = pose.pose_example(short, 16, 64, 3, "uniform", 11)
     assert np.array_equal(ids, ids2) and np.array_equal(pos, pos2)
+
+
+def test_pose_examples_of_a_long_document_start_anywhere():
+    """v_0 = 0 is relative to a random window of the document, not its first token: documents are drawn with
+    replacement, and every example of a long book must not open with the same text."""
+    doc = np.arange(10_000)
+    firsts = [int(pose.make_example("pose", doc, 16, 64, rng=seed)[0][0]) for seed in range(300)]
+    assert len(set(firsts)) > 250 and min(firsts) < 1000 and max(firsts) > 8000
+    for content in ("contiguous", "aligned"):
+        ids, pos = pose.make_example("pose", doc, 16, 64, content=content, rng=3)
+        if content == "contiguous":
+            assert np.array_equal(ids, ids[0] + np.arange(16))
+        else:
+            assert np.array_equal(ids - ids[0], pos)  # aligned: content offsets follow the positions
 
 
 def test_random_offset_covers_document():
