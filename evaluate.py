@@ -45,7 +45,6 @@ that is where the Original rows of Table 1 are > 10^3.
 In code (bench.py): `evaluate.perplexity(model, docs, ctx, stride)` -> {"ppl", "nll", "tokens", "windows", ...}.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -55,7 +54,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import LLaMA, Tokenizer, read_config
+from model import LLaMA, Tokenizer, read_config, write_json
 from rope import rope_type, scaling_from_spec
 
 # A later change may point these at a bundled tiny model and corpus; None makes the flag required.
@@ -193,26 +192,6 @@ def load_model(path, spec=CHECKPOINT, original_len=None, device="cpu", dtype=tor
 def check_rope_spec(spec):
     if spec != CHECKPOINT:
         scaling_from_spec(spec, 2048)  # syntax only: the original length is the model's, known once it is loaded
-
-
-def replace_atomically(path, write):
-    """Call write(tmp) on a temporary name in the same folder, then rename: never a half-written file at `path`."""
-    folder, name = os.path.split(os.path.abspath(path))
-    root, ext = os.path.splitext(name)
-    tmp = os.path.join(folder, f".{root}.{os.getpid()}.tmp{ext}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    replace_atomically(path, write)
 
 
 def check_out_path(flag, path):

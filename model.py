@@ -392,17 +392,18 @@ class LLaMA(nn.Module):
         names = ["model.safetensors"] if len(shards) == 1 else \
             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards):
-            _atomic(os.path.join(path, name), lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+            replace_atomically(os.path.join(path, name),
+                               lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            _atomic_json(os.path.join(path, "model.safetensors.index.json"), index)
+            write_json(os.path.join(path, "model.safetensors.index.json"), index)
         if self.source and os.path.abspath(self.source) != os.path.abspath(path):
             for name in TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(self.source, name)):
-                    _atomic(os.path.join(path, name), lambda tmp, n=name: shutil.copyfile(
+                    replace_atomically(os.path.join(path, name), lambda tmp, n=name: shutil.copyfile(
                         os.path.join(self.source, n), tmp))
-        _atomic_json(os.path.join(path, "config.json"), self.cfg.to_hf(dtype))
+        write_json(os.path.join(path, "config.json"), self.cfg.to_hf(dtype))
 
 
 def read_state_dict(path, model, dtype=torch.float32, device="cpu"):
@@ -429,17 +430,24 @@ def read_state_dict(path, model, dtype=torch.float32, device="cpu"):
     return state
 
 
-def _atomic(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+def replace_atomically(path, write):
+    """Call write(tmp) on a temporary name in the same folder, then rename: never a half-written file at `path`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    root, ext = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{root}.{os.getpid()}.tmp{ext}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def _atomic_json(path, obj):
+def write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
-    _atomic(path, write)
+    replace_atomically(path, write)
 
 
 def read_config(path):

@@ -43,8 +43,8 @@ import torch
 from tqdm import tqdm
 
 from evaluate import (CHECKPOINT, DTYPES, Parser, check_model, check_out_path, check_rope_spec, default_device,
-                      describe_rope, load_model, replace_atomically, resolve_dtype, warn, write_json)
-from model import KVCache, Tokenizer
+                      describe_rope, load_model, resolve_dtype, warn)
+from model import KVCache, Tokenizer, replace_atomically, write_json
 from rope import rope_type
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # the bundled base

@@ -56,7 +56,7 @@ DEFAULT_DATA = os.path.join(HERE, "assets", "books", "train")  # the bundled pub
 
 
 class UsageError(ValueError):
-    """Bad command-line input, reported as one line."""
+    """Bad command-line input or settings (a diverging run included), reported as one line."""
 
 
 def parse_args(argv=None):
@@ -395,7 +395,7 @@ def train(args):
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)  # average the logged loss over ranks
         loss_value = loss_sum.item() / (micro_steps * world)
         if not math.isfinite(loss_value):
-            raise RuntimeError(f"loss is {loss_value} at step {step + 1}; lower --lr or check the data")
+            raise UsageError(f"loss is {loss_value} at step {step + 1}; lower --lr or check the data")
         seconds = time.perf_counter() - t0
         tokens_done += tokens_per_step
         if rank == 0:

@@ -2,7 +2,7 @@
 method of Table 1 / Figure 2 / Table 5 / Table 6, then measure perplexity and passkey retrieval at 1x, 2x, 4x and 8x
 the original window on the held-out books, and the training cost per step.
 
-    python scripts/reproduce.py                       # about half an hour on a 2-core CPU; resumable
+    python scripts/reproduce.py                       # about 40 minutes on a 2-core CPU; resumable
     python scripts/reproduce.py --steps 20 --trials 5 --out results/quick       # a smoke run (minutes)
 
 Rows (all fine-tuned with the same data, steps, batch and learning rate; interpolation --rope, YaRN by default,
@@ -14,6 +14,7 @@ factor 8, unless the row names another):
     Full-length          fine-tuned on 2048-token windows (the costly upper bound)
     PoSE N=2 / N=3       256 tokens in 2 / 3 chunks with random skips (the paper's method)
     Linear / NTK rows    PI-only and PoSE (and, with --full-interpolations, Full-length) with those interpolations
+    PoSE N=2 contiguous / aligned   the chunk-content ablation (v_i = 0 / v_i = u_i instead of uniform)
 
 Why YaRN and not the paper's linear interpolation for the main table: at this scale linear PI destroys the base
 model's copying circuit and 100 steps do not rebuild it (passkey accuracy 0 at every length, even inside the original
@@ -58,6 +59,8 @@ ROWS = {  # in the order they run: the cheap ones first, Full-length (8x the tok
     "NTK PI-only": (None, "ntk:8"),
     "NTK PoSE": (["--method", "pose", "--rope", "ntk"], None),
     "Full-length": (["--method", "full"], None),
+    "PoSE N=2 contiguous": (["--method", "pose", "--content", "contiguous"], None),
+    "PoSE N=2 aligned": (["--method", "pose", "--content", "aligned"], None),
 }
 FULL_INTERPOLATIONS = {
     "Linear Full-length": (["--method", "full", "--rope", "linear"], None),
@@ -72,8 +75,9 @@ def slug(name):
 
 def pretraining_mixture(args):
     """The training books plus passkey episodes (scripts/make_passkey_corpus.py, a fresh seed), as in the base model's
-    pretraining stage 1: the paper fine-tunes LLaMA on The Pile, text like its pretraining data. On books alone the
-    tiny model forgets how to copy the key within 100 steps, whatever the method (passkey at 256 tokens: 0.98 -> 0)."""
+    pretraining stage 1: the paper fine-tunes LLaMA on The Pile, text like its pretraining data. On books alone
+    the tiny model lost its copying within 100 steps in the two runs we tried (linear PI fine-tuned and linear PoSE:
+    passkey at 256 tokens 0.98 -> 0)."""
     folder = os.path.join(args.runs, "data")
     os.makedirs(folder, exist_ok=True)
     for name in os.listdir(TRAIN_DATA):
@@ -134,7 +138,9 @@ def fmt_ppl(x):
     return f"{x:.2f}" if x < 1000 else "> 10^3"
 
 
-def markdown(results, args, names):
+def markdown(results, args, names, labels=None):
+    """A table of the rows `names`, shown under labels[name] where given."""
+    labels = labels or {}
     head = " | ".join(f"ppl {c}" for c in args.ctx) + " | " + " | ".join(f"passkey {c}" for c in args.ctx)
     lines = [f"| method | {head} | s/step | peak GB |", "|---" * (2 * len(args.ctx) + 3) + "|"]
     for name in names:
@@ -142,7 +148,7 @@ def markdown(results, args, names):
         cost = r.get("cost")
         cells = [fmt_ppl(r["ppl"][str(c)]) for c in args.ctx] + [f"{r['passkey'][str(c)]:.2f}" for c in args.ctx]
         cells += [f"{cost['seconds_per_step']:.2f}", f"{cost['peak_mem_gb']:.2f}"] if cost else ["-", "-"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -232,13 +238,19 @@ def main():
     main_names = [n for n in MAIN_TABLE if n in results]
     interp_names = [n for n in ("Original", "Linear PI-only", "Linear Full-length", "Linear PoSE", "NTK PI-only",
                                 "NTK Full-length", "NTK PoSE", "PI-only", "Full-length", "PoSE N=2") if n in results]
+    rope_name = {"yarn": "YaRN", "linear": "Linear", "ntk": "NTK"}.get(args.rope, args.rope)
+    content_names = [n for n in ("PoSE N=2", "PoSE N=2 contiguous", "PoSE N=2 aligned") if n in results]
     md = [f"# PoSE at toy scale: {args.original} -> {args.target} tokens", "",
           f"Base: {os.path.relpath(BASE, ROOT)}. Fine-tuning: {args.steps} steps x {args.batch_size} examples, "
           f"lr {args.lr}, {args.warmup} warmup steps, linear decay. Perplexity: {len(docs)} held-out documents "
           f"(first {args.max_tokens} tokens each), sliding window stride {args.stride}. Passkey: {args.trials} "
           f"trials per length. s/step and peak GB: median optimizer-step time and peak memory of the training run "
           f"(one CPU process).", "", "## Methods (paper Table 1, Figure 2)", "", markdown(results, args, main_names),
-          "", "## Interpolations (paper Table 6)", "", markdown(results, args, interp_names), ""]
+          "", "## Interpolations (paper Table 6)", "",
+          markdown(results, args, interp_names, {n: f"{rope_name} {n}" for n in ("PI-only", "Full-length")}
+                   | {"PoSE N=2": f"{rope_name} PoSE"}), "",
+          "## Chunk content (paper appendix A, Table 4): v_i uniform (default), 0 (contiguous), u_i (aligned)", "",
+          markdown(results, args, content_names), ""]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(md))
     plots(results, args, os.path.join(args.out, "ppl.png"), os.path.join(args.out, "passkey.png"))
