@@ -61,4 +61,4 @@ def test_main_command_runs_on_the_bundled_defaults(tmp_path):
     assert "next: python evaluate.py" in res.stdout
     extended = LLaMA.from_pretrained(out)
     assert extended.cfg.max_position_embeddings == 512
-    assert extended.cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert extended.cfg.rope_scaling == {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}
