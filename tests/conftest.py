@@ -43,3 +43,14 @@ def tiny_model_dir(spm_tokenizer, tmp_path_factory):
     model.save_pretrained(str(out))
     shutil.copyfile(spm_tokenizer, out / "tokenizer.model")
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster, and a shared 2-core machine makes a second thread wait for a core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
