@@ -100,7 +100,6 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, metavar="CONFIG_JSON", help="pretrain from scratch: a config.json for a "
                    "fresh, randomly initialized model (with --tokenizer) instead of --model")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model for --init")
-    p.add_argument("--max-examples-per-doc", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -128,7 +127,7 @@ def check_args(args, world):
                          f"--micro-batch-size {args.micro_batch_size}")
     if args.chunks < 1:
         raise UsageError(f"--chunks must be at least 1, got {args.chunks}")
-    if args.init and args.resume is False and args.model:
+    if args.init and args.model:
         raise UsageError("give --model or --init, not both")
 
 
