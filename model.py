@@ -55,8 +55,7 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise CheckpointError(f"num_attention_heads {self.n_heads} is not a multiple of "
                                   f"num_key_value_heads {self.n_kv_heads}")
-        if self.rope_scaling is not None:
-            self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
 
     # config.json <-> ModelConfig
     HF_NAMES = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
@@ -85,8 +84,6 @@ class ModelConfig:
         rope = dict(cfg.get("rope_parameters") or {})  # transformers 5: theta and scaling in one dict
         theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
         scaling = rope or cfg.get("rope_scaling")
-        if scaling and rope_type(scaling) == "default":
-            scaling = None
         known = set(cls.HF_NAMES.values()) | {"rope_theta", "rope_scaling", "rope_parameters", "architectures",
                                              "model_type", "torch_dtype", "dtype", "transformers_version"}
         extra = {k: v for k, v in cfg.items() if k not in known}
@@ -113,14 +110,17 @@ class ModelConfig:
 
 
 def normalize_rope_scaling(scaling, max_position_embeddings):
-    """One spelling for a rope_scaling dict: "rope_type" key, original length filled in where the type needs it."""
+    """One spelling for a rope_scaling dict: "rope_type" key, original length filled in where the type needs it;
+    None for plain RoPE (None, {} or type "default")."""
     kind = rope_type(scaling)
+    if kind == "default":
+        return None
     out = {k: v for k, v in scaling.items() if k not in ("type", "rope_type", "rope_theta")}
     out["rope_type"] = kind
     if kind in ("dynamic", "yarn", "llama3"):
         # transformers' convention: the original window defaults to the config's max_position_embeddings
         out.setdefault("original_max_position_embeddings", max_position_embeddings)
-    if kind != "default" and "factor" not in out:
+    if "factor" not in out:
         raise CheckpointError(f"rope_scaling of type {kind!r} needs a 'factor'")
     return out
 
@@ -291,9 +291,8 @@ class LLaMA(nn.Module):
 
     def set_rope_scaling(self, scaling):
         """Switch the rotary interpolation (e.g. evaluate the same weights with and without PI)."""
-        self.cfg.rope_scaling = None if not scaling or rope_type(scaling) == "default" else \
-            normalize_rope_scaling(scaling, self.cfg.max_position_embeddings)
-        self.rope.__init__(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+        self.cfg.rope_scaling = normalize_rope_scaling(scaling, self.cfg.max_position_embeddings)
+        self.rope.__init__(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)  # in place: layers share it
 
     def set_attn_impl(self, impl):
         for block in self.layers:
@@ -354,12 +353,11 @@ class LLaMA(nn.Module):
         The model is built on the meta device and each checkpoint tensor is moved into place as it is read, so only
         one copy of the weights is ever held (plus one tensor in flight).
         """
-        cfg = read_config(path)
-        if rope_scaling is not None:
-            cfg.rope_scaling = None if rope_type(rope_scaling) == "default" else \
-                normalize_rope_scaling(rope_scaling, cfg.max_position_embeddings)
         with torch.device("meta"):
-            model = cls(cfg)
+            model = cls(read_config(path))
+        if rope_scaling is not None:
+            model.set_rope_scaling(rope_scaling)
+        cfg = model.cfg
         model.load_state_dict(read_state_dict(path, model, dtype, device), strict=True, assign=True)
         if cfg.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
