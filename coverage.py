@@ -32,12 +32,12 @@ itself) is 1 by convention.
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import numpy as np
 
+import cli
 import pose
 
 
@@ -59,8 +59,7 @@ def coverage_exact_two_chunks(train_len, target_len, split="uniform"):
         b(d) = #{u in 0..M : d - L + 1 <= u <= d - 1} / (M + 1)  (an interval length, clipped)
     All O(L + target_len) with numpy, no enumeration of the (l_0, u) pairs.
     """
-    train_len, target_len, _ = pose._check_lengths(train_len, target_len, 2)
-    pose._check_choice("split", split, pose.SPLITS)
+    pose.check_lengths(train_len, target_len, 2, split)
     L, M = train_len, target_len - train_len
     d = np.arange(target_len)
 
@@ -84,7 +83,7 @@ def coverage_exact_two_chunks(train_len, target_len, split="uniform"):
 
 def coverage_exact(train_len, target_len, chunks, split="uniform"):
     """Exact coverage for N = 1 (plain ids: distances 1 .. L - 1 always, nothing beyond) or N = 2."""
-    train_len, target_len, chunks = pose._check_lengths(train_len, target_len, chunks)
+    pose.check_lengths(train_len, target_len, chunks, split)
     if chunks == 2:
         return coverage_exact_two_chunks(train_len, target_len, split)
     if chunks != 1:
@@ -146,10 +145,11 @@ def covered_from_layouts(layouts, target_len):
 def _monte_carlo(train_len, target_len, chunks, samples, rng, method, split):
     """Counts coverage over `samples` examples; returns prob, stderr (target_len,) and the
     per-example mean coverage inside [1, L - 1] and beyond [L, target_len - 1] ((samples,) or None)."""
-    train_len, target_len, chunks = pose._check_lengths(train_len, target_len, chunks)
-    samples = pose._check_int("samples", samples, 2)
-    pose._check_choice("method", method, ("pose", "randpos"))
-    pose._check_choice("split", split, pose.SPLITS)
+    pose.check_lengths(train_len, target_len, chunks, split)
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 (a standard error needs two), got {samples}")
+    if method not in ("pose", "randpos"):
+        raise ValueError(f"unknown method {method!r}, expected pose or randpos")
     rng = np.random.default_rng(rng)
     L, Lt = train_len, target_len
     batch = max(1, min(samples, 2 ** 21 // Lt))  # bounds the (batch, 2 Lt) FFT buffers to ~32 MB
@@ -165,7 +165,7 @@ def _monte_carlo(train_len, target_len, chunks, samples, rng, method, split):
             if chunks <= 64:  # O(N^2) intervals are cheaper than an FFT for few chunks
                 covered = covered_from_layouts(layouts, Lt)
             else:
-                pos = np.stack([pose._layout_positions(l, u, L) for _, l, u in layouts])  # (b, L)
+                pos = np.stack([pose.layout_positions(l, u) for _, l, u in layouts])  # (b, L)
                 covered = covered_from_positions(pos, Lt)
         counts += covered.sum(axis=0)
         inside.append(covered[:, 1:L].mean(axis=1) if L > 1 else np.zeros(0))
@@ -252,20 +252,7 @@ def format_table(rows, train_len, target_len, split):
 
 
 # ----------------------------------------------------------------------------------------------
-# output files: written to a temporary name in the same folder, then renamed, so a failure never
-# leaves half a file behind
-
-
-def _replace_atomically(path, write):
-    folder, name = os.path.split(os.path.abspath(path))
-    root, ext = os.path.splitext(name)
-    tmp = os.path.join(folder, f".{root}.{os.getpid()}.tmp{ext}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# output files
 
 
 def write_json(path, rows, args, seconds):
@@ -278,11 +265,8 @@ def write_json(path, rows, args, seconds):
                rows=[{**{k: v for k, v in r.items() if k not in ("prob", "stderr")},
                       "prob": listed(r["prob"]), "stderr": listed(r["stderr"])} for r in rows])
 
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(out, f)
-
-    _replace_atomically(path, write)
+    with open(path, "w") as f:
+        json.dump(out, f)
 
 
 def write_plot(path, rows, train_len, target_len):
@@ -303,27 +287,16 @@ def write_plot(path, rows, train_len, target_len):
     ax.set_title(f"Coverage of relative positions, {train_len} -> {target_len}")
     ax.legend(loc="center right", fontsize=8)
     fig.tight_layout()
-    ext = os.path.splitext(path)[1][1:].lower()
-    try:
-        _replace_atomically(path, lambda tmp: fig.savefig(tmp, format=ext, dpi=150))
-    finally:
-        plt.close(fig)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
 # CLI
 
 
-def _check_out_path(parser, flag, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        parser.error(f"{flag}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        parser.error(f"{flag}: {path} is a folder")
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Coverage probability of relative positions (PoSE appendix B).")
+    p = cli.ArgumentParser(description="Coverage probability of relative positions (PoSE appendix B).")
     p.add_argument("--train-len", type=int, default=2048, help="training window L_c (default 2048)")
     p.add_argument("--target", type=int, default=16384, help="target context L_t (default 16384)")
     p.add_argument("--chunks", type=int, nargs="+", default=[2, 3],
@@ -352,20 +325,13 @@ def parse_args(argv=None):
         p.error(f"--samples must be >= 2 (a standard error needs two samples), got {args.samples}")
     if args.seed < 0:
         p.error(f"--seed must be >= 0, got {args.seed}")
-    if args.json:
-        _check_out_path(p, "--json", args.json)
-    if args.plot:
-        _check_out_path(p, "--plot", args.plot)
-        ext = os.path.splitext(args.plot)[1][1:].lower()
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            from matplotlib.figure import Figure
-        except ImportError:
-            p.error("--plot needs matplotlib (pip install matplotlib)")
-        formats = Figure().canvas.get_supported_filetypes()
-        if ext not in formats:
-            p.error(f"--plot: unsupported file extension '.{ext}', use one of {', '.join(sorted(formats))}")
+    try:
+        if args.json:
+            cli.check_out_path("--json", args.json)
+        if args.plot:
+            cli.check_plot_path("--plot", args.plot)
+    except cli.UsageError as e:
+        p.error(str(e))
     return args
 
 
@@ -376,15 +342,12 @@ def main(argv=None):
                           args.split)
     seconds = time.perf_counter() - t0
     print(format_table(rows, args.train_len, args.target, args.split))
-    print(f"computed in {seconds:.2f} s")
-    try:
-        if args.json:
-            write_json(args.json, rows, args, seconds)
-        if args.plot:
-            write_plot(args.plot, rows, args.train_len, args.target)
-    except OSError as e:
-        sys.exit(f"error: {e}")
+    print(f"computed in {seconds:.2f} s", file=sys.stderr)
+    if args.json:
+        write_json(args.json, rows, args, seconds)
+    if args.plot:
+        write_plot(args.plot, rows, args.train_len, args.target)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

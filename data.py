@@ -18,7 +18,7 @@ OUT.json is incomplete and never loads.
 In code (train.py, evaluate.py):
     corpus = load_corpus("data/pile", tokenizer="llama-7b", min_tokens=2048)   # a prepared dataset
     corpus = load_corpus("assets/books/train", tokenizer=tok)   # raw text: prepared into ~/.cache/pose once
-    doc = corpus.sample_doc(rng)     # the tokens of one document, chosen with probability ~ its length
+    window = corpus.sample(rng, 2048)   # 2048 tokens of a document chosen with probability ~ its length
 """
 import argparse
 import gzip
@@ -30,6 +30,7 @@ import zlib
 from array import array
 
 import numpy as np
+import sentencepiece as spm
 from tqdm import tqdm
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
@@ -94,20 +95,39 @@ def batches(texts, max_chars):
         yield batch
 
 
+class Tokenizer:
+    """The sentencepiece model of a LLaMA checkpoint (`tokenizer.model`, or a directory holding one)."""
+
+    def __init__(self, path):
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.model")
+        if not os.path.isfile(path):
+            raise DataError(f"tokenizer not found: {path}")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"cannot load tokenizer {path}: {str(e).strip().splitlines()[0]}") from None
+        self.path = path
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+
+    def encode(self, text, bos=True, eos=False):
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts, bos=True, eos=False, threads=-1):
+        out = self.sp.encode(texts, num_threads=threads)
+        return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in out]
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+
 def load_tokenizer(tokenizer):
-    """A model.Tokenizer from a path (tokenizer.model or its directory); a tokenizer object passes through."""
-    if not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer  # anything with .encode_batch, .vocab_size, .bos_id and .path
-    path = os.fspath(tokenizer)
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise DataError(f"tokenizer not found: {path}")
-    from model import Tokenizer  # imported here: model.py pulls in torch, which preparing data does not need
-    try:
-        return Tokenizer(path)
-    except (OSError, RuntimeError) as e:
-        raise DataError(f"cannot load tokenizer {path}: {str(e).strip().splitlines()[0]}") from None
+    """A Tokenizer from a path (tokenizer.model or its directory); a tokenizer object passes through."""
+    return Tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
 
 
 def file_sha256(path):
@@ -203,9 +223,6 @@ class Corpus:
         j = self.docs[i]
         return self.tokens[self.offsets[j]:self.offsets[j + 1]]
 
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
     def __repr__(self):
         return f"Corpus({len(self):,} documents, {self.n_tokens:,} tokens)"
 
@@ -226,8 +243,17 @@ class Corpus:
         t = rng.integers(self.n_tokens)
         return int(np.searchsorted(self._ends, t, side="right"))
 
-    def sample_doc(self, rng):
-        return self[self.sample_index(rng)]
+    def sample(self, rng, length):
+        """A training window: a document drawn by sample_index, then `length` consecutive tokens of it at a uniformly
+        random offset (the whole document when it is not longer).
+
+        Documents are drawn with replacement, so without the random offset every example drawn from a long book
+        would read its opening."""
+        doc = self[self.sample_index(rng)]
+        if len(doc) <= length:
+            return doc
+        start = int(rng.integers(0, len(doc) - length + 1))  # U{0, ..., len(doc) - length}
+        return doc[start:start + length]
 
 
 def open_prepared(prefix):
@@ -254,7 +280,7 @@ def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None):
     `path`: a prepared dataset (OUT, OUT.json or OUT.bin), or raw input as for the CLI, which is then
     prepared into `cache_dir` (default $POSE_CACHE or ~/.cache/pose) under a key made of the input files'
     paths, sizes and mtimes, the tokenizer's sha256 and min_tokens, so that the next call loads at once.
-    `tokenizer` (a path or a model.Tokenizer) is required for raw input; for a prepared dataset it is
+    `tokenizer` (a path or a Tokenizer) is required for raw input; for a prepared dataset it is
     checked against the tokenizer the dataset was made with."""
     path = os.fspath(path)
     prefix = next((path[: -len(e)] for e in (".json", ".bin", ".idx.npy") if path.endswith(e)), path)

@@ -38,26 +38,26 @@ context size scores the same tokens, and the largest ctx reads each document in 
 
 --rope SPEC replaces the checkpoint's rotary scaling (rope.scaling_from_spec: none, linear:8, ntk:8, yarn:8,
 yarn-revised:8, dynamic:8, llama3:8), several specs give several rows. The original window that YaRN, dynamic and
-llama3 scaling are built on is --original-len if given, else the checkpoint's (see original_window). A ctx beyond
+llama3 scaling are built on is --original-len if given, else the checkpoint's (rope.original_window). A ctx beyond
 the window the scaling supports (original * factor; the original window without scaling) is a warning, not an error:
 that is where the Original rows of Table 1 are > 10^3.
 
 In code (bench.py): `evaluate.perplexity(model, docs, ctx, stride)` -> {"ppl", "nll", "tokens", "windows", ...}.
 """
-import argparse
+import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
 import data
-from model import LLaMA, Tokenizer, read_config, write_json
-from rope import rope_type, scaling_from_spec
+import hf
+from model import LLaMA
+from rope import describe_rope, original_window, scaling_from_spec, supported_window
 
-# A later change may point these at a bundled tiny model and corpus; None makes the flag required.
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
 DEFAULT_DATA = os.path.join(HERE, "assets", "books", "eval")  # held-out public-domain plays
@@ -120,100 +120,6 @@ def perplexity(model, docs, ctx, stride=1024, progress=False):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# models and their rotary scaling (shared with passkey.py)
-
-def original_window(cfg):
-    """The context the base model was pretrained on, from a ModelConfig.
-
-    rope_scaling's original_max_position_embeddings when present; else, for a scaled checkpoint (linear, ntk),
-    max_position_embeddings / factor, Hugging Face's convention for linear PI checkpoints (LongChat,
-    LLaMA-2-7B-32K: max_position_embeddings is the extended window); else (no scaling) max_position_embeddings.
-    """
-    scaling = cfg.rope_scaling
-    if scaling and scaling.get("original_max_position_embeddings"):
-        return int(scaling["original_max_position_embeddings"])
-    if scaling and scaling.get("factor"):
-        return max(1, round(cfg.max_position_embeddings / float(scaling["factor"])))
-    return cfg.max_position_embeddings
-
-
-def supported_window(scaling, original):
-    """The longest context a rotary scaling is meant for: original * factor (the original window without one)."""
-    return original if not scaling else int(original * float(scaling["factor"]))
-
-
-def describe_rope(scaling):
-    """'none', 'linear:8', 'yarn:16' ...: a rope_scaling dict as a --rope spec."""
-    if not scaling:
-        return "none"
-    kind = rope_type(scaling)
-    if kind == "yarn" and scaling.get("yarn_variant") == "revised":
-        kind = "yarn-revised"
-    return f"{kind}:{float(scaling['factor']):g}"
-
-
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(name, device):
-    """--dtype: bf16 on CUDA and fp32 elsewhere unless given."""
-    return DTYPES[name or ("bf16" if str(device).startswith("cuda") else "fp32")]
-
-
-def check_model(path):
-    """Fail fast, before any weights are read: the config parses and the tokenizer exists. Returns the config."""
-    cfg = read_config(path)
-    Tokenizer(path)
-    return cfg
-
-
-def set_rope(model, spec, original, checkpoint_scaling):
-    """Give `model` the rotary scaling of `spec` ("checkpoint": `checkpoint_scaling`, the one it was saved with).
-
-    Returns what a result row records: rope (the spec), rope_scaling, original and supported windows."""
-    scaling = checkpoint_scaling if spec == CHECKPOINT else scaling_from_spec(spec, original)
-    model.set_rope_scaling(scaling)
-    scaling = model.cfg.rope_scaling
-    return dict(rope=spec, rope_scaling=scaling, original_window=original,
-                supported_window=supported_window(scaling, original))
-
-
-def load_model(path, spec=CHECKPOINT, original_len=None, device="cpu", dtype=torch.float32):
-    """LLaMA.from_pretrained with the rotary scaling of `spec`; returns (model, set_rope's record + model path)."""
-    model = LLaMA.from_pretrained(path, dtype=dtype, device=device)
-    original = original_len or original_window(model.cfg)
-    return model, dict(model=path, **set_rope(model, spec, original, model.cfg.rope_scaling))
-
-
-def check_rope_spec(spec):
-    if spec != CHECKPOINT:
-        scaling_from_spec(spec, 2048)  # syntax only: the original length is the model's, known once it is loaded
-
-
-def check_out_path(flag, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag}: folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise ValueError(f"{flag}: {path} is a folder")
-
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line, `error: ...`, like every other error of these scripts."""
-
-    def error(self, message):
-        sys.exit(f"error: {message}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # CLI
 
 def format_ppl(ppl):
@@ -232,11 +138,13 @@ def format_table(rows, ctxs):
 
 
 def parse_args(argv=None):
-    p = Parser(description="Sliding-window perplexity at several context sizes (PoSE section 4.2).")
-    p.add_argument("--model", action="append", metavar="DIR", required=DEFAULT_MODEL is None,
-                   help="Hugging Face LLaMA directory (with tokenizer.model); repeat for several rows")
-    p.add_argument("--data", required=DEFAULT_DATA is None, default=DEFAULT_DATA,
-                   help="prepared dataset (data.py --out) or raw .jsonl/.txt/.gz/directory")
+    p = cli.ArgumentParser(description="Sliding-window perplexity at several context sizes (PoSE section 4.2).")
+    p.add_argument("--model", action="append", metavar="DIR",
+                   help=f"Hugging Face LLaMA directory (with tokenizer.model); repeat for several rows (default: the "
+                        f"bundled tiny base, {os.path.relpath(DEFAULT_MODEL)})")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="prepared dataset (data.py --out) or raw .jsonl/.txt/.gz/directory (default: the bundled "
+                        "held-out plays)")
     p.add_argument("--ctx", type=int, nargs="+", required=True, help="context sizes (window = BOS + ctx-1 tokens)")
     p.add_argument("--stride", type=int, default=1024, help="window advance in tokens (default 1024, as the paper)")
     p.add_argument("--docs", type=int, default=50, help="number of documents (default 50, as the paper)")
@@ -247,9 +155,9 @@ def parse_args(argv=None):
     p.add_argument("--rope", nargs="+", default=[CHECKPOINT], metavar="SPEC",
                    help="rotary scaling per row: checkpoint (default), none, linear:8, ntk:8, yarn:8, ...")
     p.add_argument("--original-len", type=int, default=None,
-                   help="the model's original window (default: from its config.json, see original_window)")
+                   help="the model's original window (default: from its config.json, see rope.original_window)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--json", metavar="FILE", help="write every number printed, and more, to FILE")
     args = p.parse_args(argv)
     args.model = args.model or [DEFAULT_MODEL]  # the one place a default model comes in
@@ -269,12 +177,13 @@ def parse_args(argv=None):
         p.error(f"--original-len must be >= 1, got {args.original_len}")
     try:
         for spec in args.rope:
-            check_rope_spec(spec)
+            if spec != CHECKPOINT:
+                scaling_from_spec(spec, 2048)  # syntax only: the original window is the model's, known once loaded
         if args.json:
-            check_out_path("--json", args.json)
+            cli.check_out_path("--json", args.json)
     except ValueError as e:
         p.error(str(e))
-    args.device = args.device or default_device()
+    args.device = args.device or cli.default_device()
     return args
 
 
@@ -285,50 +194,51 @@ def load_docs(path, tokenizer, n_docs, min_tokens, max_tokens):
     except data.DataError as e:
         raise data.DataError(f"{path}: {e}") from None
     if len(corpus) < n_docs:
-        warn(f"only {len(corpus)} document(s) of {path} have >= {min_tokens} tokens; evaluating those")
+        cli.warn(f"only {len(corpus)} document(s) of {path} have >= {min_tokens} tokens; evaluating those")
     return [corpus[i][:max_tokens or None] for i in range(min(n_docs, len(corpus)))]
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        # 1) everything that can fail on bad input, for every model, before any long computation
-        docs, by_tokenizer = {}, {}  # models that share a tokenizer share the documents
-        for path in args.model:
-            check_model(path)
-            tok = Tokenizer(path)
-            if tok.path not in by_tokenizer:
-                by_tokenizer[tok.path] = load_docs(args.data, tok, args.docs, args.min_tokens, args.max_tokens)
-            docs[path] = by_tokenizer[tok.path]
-        dtype = resolve_dtype(args.dtype, args.device)
-        # 2) one row per model and rope
-        rows = []
-        for path in args.model:
-            name = os.path.basename(os.path.normpath(path))
-            model = LLaMA.from_pretrained(path, dtype=dtype, device=args.device)
-            own, original = model.cfg.rope_scaling, args.original_len or original_window(model.cfg)
-            for spec in args.rope:  # the same weights under each rotary scaling
-                info = set_rope(model, spec, original, own)
-                rope = describe_rope(info["rope_scaling"])
-                over = [c for c in args.ctx if c > info["supported_window"]]
-                if over:
-                    warn(f"{name} with rope {rope} supports {info['supported_window']} positions, fewer than "
+    # 1) everything that can fail on bad input, for every model, before any long computation
+    docs, by_tokenizer = {}, {}  # models that share a tokenizer share the documents
+    for path in args.model:
+        hf.read_config(path)
+        tok = data.Tokenizer(path)
+        if tok.path not in by_tokenizer:
+            by_tokenizer[tok.path] = load_docs(args.data, tok, args.docs, args.min_tokens, args.max_tokens)
+        docs[path] = by_tokenizer[tok.path]
+    dtype = cli.torch_dtype(args.dtype, args.device)
+    # 2) one row per model and rope
+    rows = []
+    for path in args.model:
+        name = os.path.basename(os.path.normpath(path))
+        model = LLaMA.from_pretrained(path, dtype=dtype, device=args.device)
+        own = model.cfg.rope_scaling
+        original = args.original_len or original_window(own, model.cfg.max_position_embeddings)
+        for spec in args.rope:  # the same weights under each rotary scaling
+            model.set_rope_scaling(own if spec == CHECKPOINT else scaling_from_spec(spec, original))
+            scaling = model.cfg.rope_scaling
+            supported, rope = supported_window(scaling, original), describe_rope(scaling)
+            over = [c for c in args.ctx if c > supported]
+            if over:
+                cli.warn(f"{name} with rope {rope} supports {supported} positions, fewer than "
                          f"ctx {', '.join(map(str, over))}")
-                results = [perplexity(model, docs[path], ctx, args.stride,
-                                      progress=f"{name} {rope} ctx={ctx}") for ctx in args.ctx]
-                rows.append(dict(model=path, **info, dtype=str(dtype).removeprefix("torch."), device=args.device,
-                                 results=results))
-            del model
-        print(f"perplexity, sliding window with stride {args.stride}, {len(docs[args.model[0]])} documents "
-              f"of >= {args.min_tokens} tokens" + (f" truncated to {args.max_tokens}" if args.max_tokens else "")
-              + f" from {args.data}")
-        print(format_table(rows, args.ctx))
-        if args.json:
-            write_json(args.json, dict(data=args.data, stride=args.stride, docs_requested=args.docs,
-                                       min_tokens=args.min_tokens, max_tokens=args.max_tokens, ctx=args.ctx, rows=rows))
-    except (ValueError, OSError) as e:  # CheckpointError and DataError are ValueErrors
-        sys.exit(f"error: {e}")
+            results = [perplexity(model, docs[path], ctx, args.stride, progress=f"{name} {rope} ctx={ctx}")
+                       for ctx in args.ctx]
+            rows.append(dict(model=path, rope=spec, rope_scaling=scaling, original_window=original,
+                             supported_window=supported, dtype=str(dtype).removeprefix("torch."), device=args.device,
+                             results=results))
+        del model
+    print(f"perplexity, sliding window with stride {args.stride}, {len(docs[args.model[0]])} documents "
+          f"of >= {args.min_tokens} tokens" + (f" truncated to {args.max_tokens}" if args.max_tokens else "")
+          + f" from {args.data}")
+    print(format_table(rows, args.ctx))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(data=args.data, stride=args.stride, docs_requested=args.docs, min_tokens=args.min_tokens,
+                           max_tokens=args.max_tokens, ctx=args.ctx, rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

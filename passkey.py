@@ -33,21 +33,23 @@ Default lengths: the original window times 1, 2, 4, ... up to the window the rot
 the original, so that even an unscaled model shows where it breaks). A length beyond the supported window is a
 warning: that is the point of the test.
 """
+import json
 import os
 import re
-import sys
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from evaluate import (CHECKPOINT, DTYPES, Parser, check_model, check_out_path, check_rope_spec, default_device,
-                      describe_rope, load_model, resolve_dtype, warn)
-from model import KVCache, Tokenizer, replace_atomically, write_json
-from rope import rope_type
+import cli
+import hf
+from data import Tokenizer
+from model import KVCache, LLaMA
+from rope import describe_rope, original_window, rope_type, scaling_from_spec, supported_window
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # the bundled base
+CHECKPOINT = "checkpoint"  # the --rope value that keeps the checkpoint's own scaling
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -108,48 +110,47 @@ def make_prompt(tokenizer, length, key, depth):
 # ----------------------------------------------------------------------------------------------------------------
 # decoding and scoring
 
-def next_logits_of(model, use_cache=True):
-    """`model` as a function from token ids (a list) to the logits (vocab,) of the next token.
+class Decoder:
+    """Greedy decoding with a LLaMA: `start(ids)` reads a prompt, then `step(token)` reads one more token; each
+    returns the logits (vocab,) of the token after, computed for the last position only (never (T, vocab)).
 
-    A callable that is not a torch module is taken to be such a function already (tests inject fake models).
-    With use_cache, a call whose ids extend the previous call's by one token feeds only that token through a
-    KVCache (greedy decoding: the prompt is read once); any other call starts a new cache. Dynamic NTK rescales
-    with the sequence length, so cached keys would be stale: it always re-reads the whole sequence, as does
-    use_cache=False. Either way only the last position's logits are computed, never (T, vocab)."""
-    if not isinstance(model, torch.nn.Module):
-        return model
-    device = next(model.parameters()).device
-    use_cache = use_cache and rope_type(model.cfg.rope_scaling) != "dynamic"
-    state = dict(ids=None, cache=None)
+    With use_cache the prompt's keys and values go into a KVCache once and each step reads one token against it.
+    Dynamic NTK rescales with the sequence length, so cached keys would be stale: it re-reads the whole sequence at
+    every step, as use_cache=False does (no cache memory: 16 GB at 32k tokens for LLaMA-7B in bf16)."""
+
+    def __init__(self, model, use_cache=True):
+        self.model, self.device = model, next(model.parameters()).device
+        self.use_cache = use_cache and rope_type(model.cfg.rope_scaling) != "dynamic"
+        self.ids, self.cache = [], None
+
+    def start(self, ids):
+        self.ids = list(ids)
+        self.cache = KVCache(self.model.cfg.n_layers) if self.use_cache else None  # frees the previous prompt's
+        return self._logits(self.ids)
+
+    def step(self, token):
+        self.ids.append(int(token))
+        return self._logits(self.ids[-1:] if self.use_cache else self.ids)
 
     @torch.inference_mode()
-    def next_logits(ids):
-        ids = list(ids)
-        if use_cache and state["ids"] is not None and len(ids) == len(state["ids"]) + 1 and ids[:-1] == state["ids"]:
-            new = ids[-1:]  # one more token: attend to the cached keys and values
-        else:
-            state["cache"] = KVCache(model.cfg.n_layers) if use_cache else None  # frees the previous one
-            new = ids
-        state["ids"] = ids
-        tokens = torch.as_tensor(new, dtype=torch.long, device=device)[None]  # (1, T)
-        h = model.hidden_states(tokens, cache=state["cache"])[:, -1]  # (1, dim): the last position only
-        return model.lm_head(h)[0].float()  # (vocab,)
-
-    return next_logits
+    def _logits(self, ids):
+        tokens = torch.as_tensor(ids, dtype=torch.long, device=self.device)[None]  # (1, T)
+        h = self.model.hidden_states(tokens, cache=self.cache)[:, -1]  # (1, dim): the last position only
+        return self.model.lm_head(h)[0].float()  # (vocab,)
 
 
-def greedy_answer(next_logits, prompt_ids, tokenizer, max_new_tokens=8):
-    """The greedy continuation of prompt_ids, decoded: at most max_new_tokens tokens, stopping at EOS or once a
-    run of digits has ended (a digit followed by a non-digit). next_logits gets the whole sequence at each step."""
-    ids, new = list(prompt_ids), []
-    for _ in range(max_new_tokens):
-        token = int(next_logits(ids).argmax())
+def greedy_answer(decoder, prompt_ids, tokenizer, max_new_tokens=8):
+    """The greedy continuation of prompt_ids, decoded: at most max_new_tokens tokens, stopping at EOS or once a run
+    of digits has ended (a digit followed by a non-digit). `decoder` has start(ids) and step(token), as Decoder."""
+    logits, new = decoder.start(prompt_ids), []
+    for i in range(max_new_tokens):
+        token = int(logits.argmax())
         if token == tokenizer.eos_id:
             break
-        ids.append(token)
         new.append(token)
-        if re.search(r"\d\D", tokenizer.decode(new)):
+        if re.search(r"\d\D", tokenizer.decode(new)) or i == max_new_tokens - 1:
             break
+        logits = decoder.step(token)
     return tokenizer.decode(new)
 
 
@@ -162,8 +163,8 @@ def first_number(text):
 def run_passkey(model, tokenizer, lengths, trials=50, seed=0, max_new_tokens=8, progress=False, use_cache=True):
     """One record per trial: length, trial, depth, passkey, prompt_tokens, answer, predicted, correct.
 
-    model: a LLaMA, or any function from token ids to next-token logits (see next_logits_of)."""
-    next_logits = next_logits_of(model, use_cache)
+    model: a LLaMA, or a decoder (start/step, as Decoder) standing for one."""
+    decoder = Decoder(model, use_cache) if isinstance(model, torch.nn.Module) else model
     rng = np.random.default_rng(seed)
     records = []
     with tqdm(total=len(lengths) * trials, unit="trial", disable=None if progress else True, leave=False) as bar:
@@ -172,7 +173,7 @@ def run_passkey(model, tokenizer, lengths, trials=50, seed=0, max_new_tokens=8, 
             for trial in range(trials):
                 key = int(rng.integers(10000, 100000))  # uniform 5-digit key
                 prompt = make_prompt(tokenizer, length, key, depth=rng.random())
-                answer = greedy_answer(next_logits, prompt.ids, tokenizer, max_new_tokens)
+                answer = greedy_answer(decoder, prompt.ids, tokenizer, max_new_tokens)
                 predicted = first_number(answer)
                 records.append(dict(length=length, trial=trial, depth=prompt.depth, passkey=key,
                                     prompt_tokens=len(prompt.ids), n_filler=prompt.n_filler, answer=answer,
@@ -238,11 +239,8 @@ def write_plot(path, records, lengths, bins, title):
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
-    ext = os.path.splitext(path)[1][1:].lower()
-    try:
-        replace_atomically(path, lambda tmp: fig.savefig(tmp, format=ext, dpi=150))
-    finally:
-        plt.close(fig)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
 
 
 def default_lengths(original, supported):
@@ -257,89 +255,85 @@ def default_lengths(original, supported):
 # CLI
 
 def parse_args(argv=None):
-    p = Parser(description="Passkey retrieval accuracy over prompt lengths and key depths (PoSE section 4.3).")
-    p.add_argument("--model", required=DEFAULT_MODEL is None, default=DEFAULT_MODEL, metavar="DIR",
-                   help="Hugging Face LLaMA directory (with tokenizer.model)")
+    p = cli.ArgumentParser(description="Passkey retrieval accuracy over prompt lengths and key depths (PoSE "
+                                       "section 4.3).")
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
+                   help=f"Hugging Face LLaMA directory with its tokenizer (default: the bundled tiny base, "
+                        f"{os.path.relpath(DEFAULT_MODEL)})")
     p.add_argument("--lengths", type=int, nargs="+", default=None,
                    help="prompt lengths in tokens (default: original window x 1, 2, 4, ... up to the supported one)")
     p.add_argument("--trials", type=int, default=50, help="trials per length (default 50, as the paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys and depths (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer tokens at most (default 8)")
     p.add_argument("--no-cache", dest="cache", action="store_false",
-                   help="re-read the whole sequence for each answer token instead of using a KV cache")
+                   help="re-read the whole sequence for each answer token instead of using a KV cache (default: "
+                        "cache)")
     p.add_argument("--rope", default=CHECKPOINT, metavar="SPEC",
                    help="rotary scaling: checkpoint (default), none, linear:8, ntk:8, yarn:8, ...")
     p.add_argument("--original-len", type=int, default=None,
-                   help="the model's original window (default: from its config.json)")
+                   help="the model's original window (default: from its config.json, see rope.original_window)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--json", metavar="FILE", help="write one record per trial and the accuracy per length")
-    p.add_argument("--plot", metavar="FILE", help="write an accuracy heatmap over length x depth (.png, .pdf, ...)")
+    p.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--json", metavar="FILE", help="write one record per trial and the accuracy per length "
+                                                  "(default: none)")
+    p.add_argument("--plot", metavar="FILE", help="write an accuracy heatmap over length x depth (.png, .pdf, ...; "
+                                                  "default: none)")
     p.add_argument("--depth-bins", type=int, default=10, help="depth bins of the heatmap (default 10)")
     args = p.parse_args(argv)
-
-    for n in args.lengths or []:
-        if n < 1:
-            p.error(f"--lengths must be >= 1, got {n}")
-    for flag in ("trials", "max_new_tokens", "depth_bins"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.original_len is not None and args.original_len < 1:
-        p.error(f"--original-len must be >= 1, got {args.original_len}")
     try:
-        check_rope_spec(args.rope)
+        for n in args.lengths or []:
+            cli.positive("--lengths", n)
+        for flag in ("trials", "max_new_tokens", "depth_bins"):
+            cli.positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
+        if args.original_len is not None:
+            cli.positive("--original-len", args.original_len)
+        if args.rope != CHECKPOINT:
+            scaling_from_spec(args.rope, 2048)  # syntax only: the original window is the model's
         if args.json:
-            check_out_path("--json", args.json)
+            cli.check_out_path("--json", args.json)
         if args.plot:
-            check_out_path("--plot", args.plot)
+            cli.check_plot_path("--plot", args.plot)
     except ValueError as e:
         p.error(str(e))
-    if args.plot:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            from matplotlib.figure import Figure
-        except ImportError:
-            p.error("--plot needs matplotlib (pip install matplotlib)")
-        ext = os.path.splitext(args.plot)[1][1:].lower()
-        if ext not in Figure().canvas.get_supported_filetypes():
-            p.error(f"--plot: unsupported file extension '.{ext}'")
-    args.device = args.device or default_device()
+    args.device = args.device or cli.default_device()
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        # 1) bad input first: the model directory, its tokenizer, lengths too short for the prompt
-        check_model(args.model)
-        tok = Tokenizer(args.model)
-        for length in args.lengths or []:
-            make_prompt(tok, length, 10000, 0.0)
-        model, info = load_model(args.model, args.rope, args.original_len, args.device,
-                                 resolve_dtype(args.dtype, args.device))
-        lengths = args.lengths or default_lengths(info["original_window"], info["supported_window"])
-        name, rope = os.path.basename(os.path.normpath(args.model)), describe_rope(info["rope_scaling"])
-        over = [n for n in lengths if n > info["supported_window"]]
-        if over:
-            warn(f"{name} with rope {rope} supports {info['supported_window']} positions, fewer than "
-                 f"length {', '.join(map(str, over))}")
-        # 2) the trials
-        records = run_passkey(model, tok, lengths, args.trials, args.seed, args.max_new_tokens, progress=True,
-                              use_cache=args.cache)
-        rows = accuracy_by_length(records)
-        print(f"passkey retrieval, {name}, rope {rope}, {args.trials} trials per length, seed {args.seed}")
-        print(format_table(rows))
-        if args.json:
-            write_json(args.json, dict(info, dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
-                                       device=args.device, lengths=lengths, trials=args.trials, seed=args.seed,
-                                       max_new_tokens=args.max_new_tokens, accuracy=rows, records=records))
-        if args.plot:
-            write_plot(args.plot, records, lengths, args.depth_bins,
-                       f"passkey retrieval: {name}, rope {rope}, {args.trials} trials per length")
-    except (ValueError, OSError) as e:  # CheckpointError and DataError are ValueErrors
-        sys.exit(f"error: {e}")
+    # 1) bad input first: the model directory, its tokenizer, lengths too short for the prompt
+    hf.read_config(args.model)
+    tok = Tokenizer(args.model)
+    for length in args.lengths or []:
+        make_prompt(tok, length, 10000, 0.0)
+    model = LLaMA.from_pretrained(args.model, dtype=cli.torch_dtype(args.dtype, args.device), device=args.device)
+    own = model.cfg.rope_scaling
+    original = args.original_len or original_window(own, model.cfg.max_position_embeddings)
+    model.set_rope_scaling(own if args.rope == CHECKPOINT else scaling_from_spec(args.rope, original))
+    scaling = model.cfg.rope_scaling
+    supported = supported_window(scaling, original)
+    lengths = args.lengths or default_lengths(original, supported)
+    name, rope = os.path.basename(os.path.normpath(args.model)), describe_rope(scaling)
+    over = [n for n in lengths if n > supported]
+    if over:
+        cli.warn(f"{name} with rope {rope} supports {supported} positions, fewer than length "
+                 f"{', '.join(map(str, over))}")
+    # 2) the trials
+    records = run_passkey(model, tok, lengths, args.trials, args.seed, args.max_new_tokens, progress=True,
+                          use_cache=args.cache)
+    rows = accuracy_by_length(records)
+    print(f"passkey retrieval, {name}, rope {rope}, {args.trials} trials per length, seed {args.seed}")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=args.model, rope=args.rope, rope_scaling=scaling, original_window=original,
+                           supported_window=supported, dtype=str(model.lm_head.weight.dtype).removeprefix("torch."),
+                           device=args.device, lengths=lengths, trials=args.trials, seed=args.seed,
+                           max_new_tokens=args.max_new_tokens, accuracy=rows, records=records), f, indent=2)
+    if args.plot:
+        write_plot(args.plot, records, lengths, args.depth_bins,
+                   f"passkey retrieval: {name}, rope {rope}, {args.trials} trials per length")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -25,6 +25,7 @@ import math
 import torch
 
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
+NEEDS_ORIGINAL = ("dynamic", "yarn", "llama3")  # types built on the original window (original_max_position_embeddings)
 
 
 def rope_type(scaling):
@@ -163,7 +164,7 @@ def rope_frequencies(head_dim, theta, scaling, seq_len=None):
         return default_frequencies(head_dim, theta), 1.0
     factor = float(scaling["factor"])
     original = scaling.get("original_max_position_embeddings")
-    if kind in ("dynamic", "yarn", "llama3") and original is None:
+    if kind in NEEDS_ORIGINAL and original is None:
         raise ValueError(f"rope_type {kind!r} needs original_max_position_embeddings")
     if kind == "linear":
         return linear_frequencies(head_dim, theta, factor), 1.0
@@ -192,9 +193,13 @@ class RoPE:
     """
 
     def __init__(self, head_dim, theta, scaling=None):
-        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
-        self.kind = rope_type(scaling)
-        self._cache = {}
+        self.head_dim, self.theta = head_dim, theta
+        self.set_scaling(scaling)
+
+    def set_scaling(self, scaling):
+        """Switch the interpolation (every layer sees it: they share this object)."""
+        self.scaling, self.kind = scaling, rope_type(scaling)
+        self._cache = {}  # device -> (inv_freq, attention_scale)
 
     def frequencies(self, positions):
         if self.kind == "dynamic":  # depends on the longest position in the batch; no host sync
@@ -243,10 +248,58 @@ def scaling_from_spec(spec, original_len, factor=None):
     if factor is None or factor < 1:
         raise ValueError(f"rope {spec!r} needs a factor >= 1 (e.g. {kind}:8)")
     scaling = {"rope_type": kind, "factor": factor}
-    if kind in ("dynamic", "yarn", "llama3"):
+    if kind in NEEDS_ORIGINAL:
         scaling["original_max_position_embeddings"] = int(original_len)
     if kind == "llama3":
         scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
     if variant:
         scaling["yarn_variant"] = variant
     return scaling
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# describing a scaling: its canonical form, the windows it is built on and supports, its command-line spec
+
+def normalize_rope_scaling(scaling, max_position_embeddings):
+    """One spelling for a rope_scaling dict: "rope_type" key, original length filled in where the type needs it;
+    None for plain RoPE (None, {} or type "default")."""
+    kind = rope_type(scaling)
+    if kind == "default":
+        return None
+    out = {k: v for k, v in scaling.items() if k not in ("type", "rope_type", "rope_theta")}
+    out["rope_type"] = kind
+    if kind in NEEDS_ORIGINAL:
+        # transformers' convention: the original window defaults to the config's max_position_embeddings
+        out.setdefault("original_max_position_embeddings", max_position_embeddings)
+    if "factor" not in out:
+        raise ValueError(f"rope_scaling of type {kind!r} needs a 'factor'")
+    return out
+
+
+def original_window(scaling, max_position_embeddings):
+    """The context the base model was pretrained on.
+
+    rope_scaling's original_max_position_embeddings when present; else, for a scaled checkpoint (linear, ntk),
+    max_position_embeddings / factor, Hugging Face's convention for linear PI checkpoints (LongChat,
+    LLaMA-2-7B-32K: max_position_embeddings is the extended window); else (no scaling) max_position_embeddings.
+    """
+    if scaling and scaling.get("original_max_position_embeddings"):
+        return int(scaling["original_max_position_embeddings"])
+    if scaling and scaling.get("factor"):
+        return max(1, round(max_position_embeddings / float(scaling["factor"])))
+    return max_position_embeddings
+
+
+def supported_window(scaling, original):
+    """The longest context a rotary scaling is meant for: original * factor (the original window without one)."""
+    return original if not scaling else int(original * float(scaling["factor"]))
+
+
+def describe_rope(scaling):
+    """'none', 'linear:8', 'yarn:16' ...: a rope_scaling dict as a command-line spec (scaling_from_spec's input)."""
+    if not scaling:
+        return "none"
+    kind = rope_type(scaling)
+    if kind == "yarn" and scaling.get("yarn_variant") == "revised":
+        kind = "yarn-revised"
+    return f"{kind}:{float(scaling['factor']):g}"

@@ -8,20 +8,28 @@
 Each optimizer step takes `--batch-size` examples (64, the paper's global batch): `--micro-batch-size` per process
 and forward/backward, accumulated over batch / (world x micro) micro-steps. Example i of the run is a pure function
 of (--seed, i) (pose.example_rng), so the run is the same whatever the number of processes, and a resumed run
-continues exactly where the checkpoint left it. The paper's recipe is the default (section 4.1): AdamW, lr 2e-5,
-no weight decay, 10 warmup steps then linear decay, 1000 steps, linear position interpolation.
+continues exactly where the checkpoint left it.
+
+Recipes (--recipe; every flag it sets can still be given):
+    paper  the paper's (section 4.1) for real checkpoints: AdamW, lr 2e-5, no weight decay, 10 warmup steps then
+           linear decay, 1000 steps of 64 examples, linear position interpolation, micro-batch 1
+    tiny   the bundled tiny model's: 100 steps of 16 examples, lr 2e-4, YaRN, the whole per-process batch in one
+           micro-step; about a minute on a 2-core CPU (README, "Results at toy scale", says why YaRN)
+The default is tiny for the bundled model (assets/tiny, however it is named) and paper for any other.
 
 Methods (--method):
     pose     train_len tokens, positions in --chunks chunks with random skips, up to target (paper eq. 3-5)
     full     target tokens with plain positions: full-length fine-tuning (costly; the paper's upper bound)
     randpos  train_len tokens at train_len sorted random distinct positions below target (Ruoss et al. 2023)
     pi       train_len tokens with plain positions: position interpolation fine-tuned without skips
-All apply --rope interpolation with factor target / train_len ("none": no interpolation).
+All apply --rope interpolation with factor target / original window ("none": no interpolation). A checkpoint that is
+already extended keeps its geometry: the new scaling is its own type with the factor grown to target / its original
+window (README, "Progressive extension").
 
-Outputs in --out: log.jsonl (one JSON object per optimizer step: step, loss, lr, tokens, seconds, ...),
-checkpoints/step_N (sharded, torch.distributed.checkpoint; --resume continues from the latest), and at the end the
-model in Hugging Face format (config.json with rope_scaling and max_position_embeddings = target, safetensors,
-tokenizer), loadable by model.LLaMA.from_pretrained, transformers and vLLM.
+Outputs in --out (created by train.py, or a run directory it made): log.jsonl (one JSON object per optimizer step:
+step, loss, lr, tokens, seconds, ...), args.json, checkpoints/step_N (sharded, torch.distributed.checkpoint; --resume
+continues from the latest), and at the end the model in Hugging Face format (config.json with rope_scaling and
+max_position_embeddings = target, safetensors in the base checkpoint's dtype, tokenizer files).
 """
 import argparse
 import json
@@ -30,6 +38,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import socket
 import sys
@@ -45,90 +54,231 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
+import cli
 import data
-from model import CheckpointError, LLaMA, ModelConfig, Tokenizer, read_config, read_state_dict
-from pose import example_rng, make_example
-from rope import scaling_from_spec
+import hf
+import pose
+from cli import UsageError
+from model import LLaMA, ModelConfig
+from rope import describe_rope, original_window, scaling_from_spec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
-DEFAULT_DATA = os.path.join(HERE, "assets", "books", "train")  # the bundled public-domain books
+BUNDLED_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
+BUNDLED_DATA = os.path.join(HERE, "assets", "books", "train")  # the bundled public-domain books
+RUN_MARKER = ".pose-run"  # written first into every --out that train.py makes: only such folders are written into
 
-
-class UsageError(ValueError):
-    """Bad command-line input or settings (a diverging run included), reported as one line."""
+RECIPES = {
+    "paper": dict(steps=1000, batch_size=64, lr=2e-5, rope="linear", micro_batch_size=1),  # section 4.1, LLaMA-7B
+    # 4M parameters need a larger step size, and linear interpolation breaks the tiny model's copying (README)
+    "tiny": dict(steps=100, batch_size=16, lr=2e-4, rope="yarn", micro_batch_size=None),  # None: batch / world
+}
+# What --resume may change (anything else would change the examples, the model or the schedule of the run)
+RESUMABLE = ("save_every", "keep", "steps", "micro_batch_size", "grad_checkpointing", "cpu_offload",
+             "delete_checkpoints", "export_dtype", "resume")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help=f"Hugging Face LLaMA directory (default: {DEFAULT_MODEL})")
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                           epilog="\n\n".join(__doc__.split("\n\n")[2:4]))
+    p.add_argument("--model", default=None, help=f"Hugging Face LLaMA directory (default: the bundled tiny base, "
+                                                 f"{os.path.relpath(BUNDLED_MODEL)})")
     p.add_argument("--data", default=None, help="jsonl/txt file or directory, or a data.py-prepared dataset "
-                                                f"(default: {DEFAULT_DATA})")
+                                                f"(default: the bundled books, {os.path.relpath(BUNDLED_DATA)})")
     p.add_argument("--out", default=None, help="output directory (default: out/METHOD-TARGET)")
     p.add_argument("--target", type=int, required=True, help="target context window, in tokens")
-    p.add_argument("--train-len", type=int, default=None, help="training window (default: the checkpoint's "
-                                                                 "max_position_embeddings)")
-    p.add_argument("--method", choices=("pose", "full", "randpos", "pi"), default="pose")
-    p.add_argument("--chunks", type=int, default=2, help="PoSE chunks per example (paper: 2)")
-    p.add_argument("--content", choices=("uniform", "contiguous", "aligned"), default="uniform",
-                   help="PoSE chunk content (paper appendix A; uniform is the paper's default)")
-    p.add_argument("--split", choices=("uniform", "official"), default="uniform",
-                   help="PoSE chunk lengths: a uniform random split (paper appendix code) or the official code's "
-                        "(first chunk at most half the window; N <= 2)")
-    p.add_argument("--rope", default=None, help="interpolation, factor target/train_len: linear (the paper's "
-                   "default), ntk, yarn, yarn-revised, none (bundled model: yarn, see README)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000; bundled model: 100)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch, in examples (default 64; bundled "
-                                                                   "model: 16)")
+    p.add_argument("--train-len", type=int, default=None,
+                   help="training window (default: the checkpoint's max_position_embeddings)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                   help="default values of --steps, --batch-size, --lr, --rope, --micro-batch-size (see above; "
+                        "default: tiny for the bundled model, paper otherwise)")
+    p.add_argument("--method", choices=pose.METHODS, default="pose",
+                   help="pose (default), full, randpos or pi: see Methods above")
+    p.add_argument("--chunks", type=int, default=2, help="PoSE chunks per example (default 2, as the paper)")
+    p.add_argument("--content", choices=pose.CONTENTS, default="uniform",
+                   help="PoSE chunk content (paper appendix A): uniform (default, the paper's), contiguous, aligned")
+    p.add_argument("--split", choices=pose.SPLITS, default="uniform",
+                   help="PoSE chunk lengths: uniform (default, a uniform random split as the paper's appendix code) "
+                        "or official (the official code's: first chunk at most half the window; chunks <= 2)")
+    p.add_argument("--rope", default=None, help="interpolation, factor target / original window: linear (paper "
+                   "recipe), ntk, yarn (tiny recipe), yarn-revised, dynamic, llama3, none; an extended checkpoint "
+                   "keeps its own type")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (recipe: paper 1000, tiny 100); may grow "
+                                                           "on --resume, which stretches the decay to the new end")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch in examples (recipe: paper 64, tiny 16)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="examples per process per forward/backward "
-                   "(default 1; bundled model: the whole per-process batch)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5; bundled model: 2e-4)")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off; HF Trainer's default, "
-                                                                "which the official code used, is 1.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+                   "(recipe: paper 1, tiny the whole per-process batch)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (recipe: paper 2e-5, tiny 2e-4)")
+    p.add_argument("--warmup", type=int, default=10, help="linear warmup steps (default 10)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default 1.0, HF Trainer's, "
+                                                                "which the official code used; 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the examples (default 0)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100; 0: only "
+                                                               "the final export)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk, the newest (default 2)")
+    p.add_argument("--delete-checkpoints", action="store_true",
+                   help="remove the checkpoints after a successful export (default: keep them, for --resume)")
+    p.add_argument("--export-dtype", choices=("auto",) + cli.DTYPES, default="auto",
+                   help="dtype of the exported weights (default auto: the base checkpoint's)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint; "
+                   f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE[:-1])} may differ")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="compute dtype (default: bf16 on CUDA, fp32 on CPU); master weights and reductions are fp32")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each block in backward (default: on for CUDA)")
     p.add_argument("--cpu-offload", action="store_true", help="keep sharded parameters, gradients and optimizer "
                                                                "state in CPU memory (FSDP2 CPUOffloadPolicy)")
-    p.add_argument("--init", default=None, metavar="CONFIG_JSON", help="pretrain from scratch: a config.json for a "
-                   "fresh, randomly initialized model (with --tokenizer) instead of --model")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model for --init")
     return p.parse_args(argv)
 
 
-PAPER_RECIPE = {"steps": 1000, "batch_size": 64, "lr": 2e-5, "rope": "linear"}  # section 4.1, for LLaMA-7B
-# The bundled tiny model's recipe: about a minute on a 2-core CPU. A 4M-parameter model needs a larger step size, and
-# linear interpolation breaks its copying (passkey 0 at every length; README, "Results at toy scale"), YaRN does not.
-TINY_RECIPE = {"steps": 100, "batch_size": 16, "lr": 2e-4, "rope": "yarn"}
+# ----------------------------------------------------------------------------------------------------------------------
+# every default and every check, in one place, before anything is written
 
-
-def check_args(args, world):
-    recipe = TINY_RECIPE if args.model is None and args.init is None else PAPER_RECIPE
-    for key, value in recipe.items():
-        if getattr(args, key) is None:
+def resolve_args(args, world, device):
+    """Fill every default of `args` and check every setting; raises UsageError (or CheckpointError/DataError) with one
+    line. Reads config.json and the tokenizer, nothing else: no output exists yet."""
+    args.model = args.model or BUNDLED_MODEL
+    args.data = args.data or BUNDLED_DATA
+    fields = hf.read_config(args.model)  # CheckpointError on a bad directory
+    tokenizer = data.Tokenizer(args.model)
+    if tokenizer.vocab_size > fields["vocab_size"]:
+        raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {fields['vocab_size']}")
+    bundled = os.path.realpath(args.model) == os.path.realpath(BUNDLED_MODEL)
+    args.recipe = args.recipe or ("tiny" if bundled else "paper")
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None and key != "rope":  # rope: extended_scaling, below
             setattr(args, key, value)
     if args.micro_batch_size is None:
-        args.micro_batch_size = max(1, args.batch_size // world) if recipe is TINY_RECIPE else 1
-    if args.target <= 0:
-        raise UsageError(f"--target must be positive, got {args.target}")
-    if args.train_len is not None and args.train_len > args.target:
-        raise UsageError(f"--target {args.target} is below --train-len {args.train_len}: nothing to extend")
-    if args.steps <= 0 or args.batch_size <= 0 or args.micro_batch_size <= 0:
-        raise UsageError("--steps, --batch-size and --micro-batch-size must be positive")
+        args.micro_batch_size = max(1, args.batch_size // world)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.grad_checkpointing is None:
+        args.grad_checkpointing = device.type == "cuda"
+    args.train_len = args.train_len or fields["max_position_embeddings"]
+    args.out = args.out or os.path.join("out", f"{args.method}-{args.target}")
+
+    for flag, minimum in (("target", 1), ("train_len", 1), ("steps", 1), ("batch_size", 1), ("micro_batch_size", 1),
+                          ("chunks", 1), ("keep", 1), ("save_every", 0), ("warmup", 0), ("seed", 0)):
+        cli.positive(f"--{flag.replace('_', '-')}", getattr(args, flag), minimum)
+    for flag in ("lr", "grad_clip", "weight_decay"):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < 0 or (flag == "lr" and value == 0):
+            raise UsageError(f"--{flag.replace('_', '-')} must be {'> 0' if flag == 'lr' else '>= 0'}, got {value}")
+    if args.target < args.train_len:
+        raise UsageError(f"--target {args.target} is below the training length {args.train_len}: nothing to extend")
+    if args.method == "pose" and args.chunks > args.train_len:
+        raise UsageError(f"--chunks {args.chunks} is more than --train-len {args.train_len}: every chunk holds at "
+                         "least one token")
+    if args.method == "pose" and args.split == "official" and args.chunks > 2:
+        raise UsageError(f"--split official is defined for --chunks 1 or 2 (the official code's), got {args.chunks}")
     if args.batch_size % (world * args.micro_batch_size):
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by world size {world} x "
                          f"--micro-batch-size {args.micro_batch_size}")
-    if args.chunks < 1:
-        raise UsageError(f"--chunks must be at least 1, got {args.chunks}")
-    if args.init and args.model:
-        raise UsageError("give --model or --init, not both")
+    args.rope_scaling = extended_scaling(fields, args.rope, RECIPES[args.recipe]["rope"], args.train_len, args.target)
+    args.rope = describe_rope(args.rope_scaling).split(":")[0]
+    return args
+
+
+def extended_scaling(fields, spec, recipe_spec, train_len, target):
+    """The rope_scaling of the extended model.
+
+    A plain checkpoint gets `spec` (default: the recipe's) with factor target / train_len over train_len. A checkpoint
+    that is already extended (scaling of factor f over an original window o) keeps its type and every setting, and
+    its factor grows to target / o: yarn x8 over 256, extended to 4096, becomes yarn x16 over 256, so positions keep
+    the angles the checkpoint was trained with. Another type cannot compose with it: refused."""
+    own = fields["rope_scaling"]
+    if own is None:
+        try:
+            return scaling_from_spec(spec or recipe_spec, train_len, factor=target / train_len)
+        except ValueError as e:
+            raise UsageError(f"--rope: {e}") from None
+    original = original_window(own, fields["max_position_embeddings"])
+    kind = describe_rope(own).split(":")[0]
+    if spec not in (None, kind):
+        raise UsageError(f"the checkpoint is already extended with {describe_rope(own)} over {original} tokens: "
+                         f"--rope {spec} cannot compose with it; leave --rope out to continue with {kind}")
+    if target < original * float(own["factor"]):
+        raise UsageError(f"--target {target} is below the {int(original * float(own['factor']))} tokens the "
+                         f"checkpoint already supports ({describe_rope(own)} over {original})")
+    return dict(own, factor=target / original)
+
+
+def check_out(args):
+    """Check --out before anything is written. A fresh run needs a new or empty folder, or a run directory with
+    nothing of value in it (an earlier attempt that failed before its first checkpoint); --resume needs a run
+    directory whose args.json matches. Returns the checkpoint step to resume from, its path, the log up to it and
+    what --resume changed."""
+    out = args.out
+    if os.path.realpath(out) == os.path.realpath(args.model):
+        raise UsageError(f"--out {out} is the --model directory: refusing to write over the base model")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    writable = os.access(out, os.W_OK | os.X_OK) if os.path.isdir(out) else (
+        os.access(nearest_existing(parent), os.W_OK | os.X_OK))
+    if not writable:
+        raise UsageError(f"--out {out} is not writable")
+    ours = os.path.isfile(os.path.join(out, RUN_MARKER))
+    if os.path.isdir(out) and os.listdir(out) and not ours:
+        raise UsageError(f"--out {out} is not empty and was not made by train.py: refusing to write into it")
+    start, path = latest_checkpoint(out) if ours else (0, None)
+    changed = {}
+    if args.resume:
+        if not path:
+            raise UsageError(f"--resume: no checkpoint in {out}; run without --resume to start")
+        changed = check_resume(args, os.path.join(out, "args.json"), start)
+    elif ours and (path or os.path.isfile(os.path.join(out, "config.json"))):
+        raise UsageError(f"{out} already holds a run; use --resume to continue it or another --out")
+    log = read_log(os.path.join(out, "log.jsonl"), start) if path else []
+    return start, path, log, changed
+
+
+def make_run_dir(out):
+    """--out as a run directory: the marker first, and no temporary file left by a killed command."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, RUN_MARKER), "w") as f:
+        f.write("made by train.py: it writes only into such directories\n")
+    remove_temporary_files(out)
+
+
+def nearest_existing(path):
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_resume(args, args_path, start):
+    """--resume continues the same run: every argument outside RESUMABLE must equal args.json's."""
+    try:
+        with open(args_path) as f:
+            before = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"--resume: cannot read {args_path} ({e})") from None
+    now = run_args(args)
+    changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {now[k]!r}" for k in now
+               if k not in RESUMABLE + ("out",) and before.get(k) != now[k]]
+    if changed:
+        raise UsageError(f"--resume: these would change the run, refused: {'; '.join(changed)}")
+    if args.steps < start:
+        raise UsageError(f"--resume: --steps {args.steps} is below the checkpoint's step {start}")
+    return {k: [before.get(k), now[k]] for k in RESUMABLE if k != "resume" and before.get(k) != now[k]}
+
+
+def run_args(args):
+    """The resolved arguments as args.json records them (paths absolute, so a resume from elsewhere compares)."""
+    out = {k: v for k, v in vars(args).items() if k not in ("resumed_with", "last_checkpoint")}
+    for k in ("model", "data", "out"):
+        out[k] = os.path.abspath(out[k])
+    return json.loads(json.dumps(out))  # tuples -> lists, as read back
+
+
+def remove_temporary_files(out):
+    for root, dirs, files in os.walk(out):
+        for name in files:
+            if re.search(r"\.tmp(\.|$)|\.tmp\d+$", name):
+                os.remove(os.path.join(root, name))
+        for name in [d for d in dirs if d.endswith(".tmp")]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            dirs.remove(name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -158,12 +308,12 @@ def on_rank0(fn):
     if dist.get_rank() == 0:
         try:
             result = fn()
-        except (UsageError, CheckpointError, data.DataError, FileNotFoundError) as e:
-            error = [type(e).__name__, str(e)]
+        except (ValueError, OSError) as e:  # UsageError, CheckpointError and DataError are ValueErrors
+            error = str(e)
     shared = [error]
     dist.broadcast_object_list(shared, src=0)
     if shared[0]:
-        raise UsageError(shared[0][1])
+        raise UsageError(shared[0])
     return result
 
 
@@ -181,21 +331,53 @@ def shard_model(model, mesh, args, device):
     return model
 
 
+def build(args, device, mesh, rank):
+    """The sharded model with its weights, and the training corpus."""
+    fields = hf.read_config(args.model)
+    fields["rope_scaling"] = args.rope_scaling
+    # data: documents long enough for one example (the paper keeps documents of >= train_len tokens); rank 0
+    # tokenizes raw data into the cache first, the others then read it
+    need = args.target if args.method == "full" else args.train_len
+    load = lambda: data.load_corpus(args.data, data.Tokenizer(args.model), min_tokens=need)  # noqa: E731
+    corpus = on_rank0(load)
+    if rank != 0:
+        corpus = load()
+
+    # 1) the model skeleton on the meta device: no memory, no init cost
+    with torch.device("meta"):
+        model = LLaMA(ModelConfig(**fields))
+    # 2) the weights, read on rank 0 only (checked: shapes, NaN/inf)
+    expected = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
+    state = on_rank0(lambda: hf.read_state_dict(args.model, fields, expected, torch.float32))
+    # 3) shard the skeleton, give every rank storage for its shards only, then broadcast the weights shard by shard
+    #    (the other ranks never hold a full copy)
+    shard_model(model, mesh, args, device)
+    model.to_empty(device=device)
+    set_model_state_dict(model, state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del state
+    if model.cfg.tie_embeddings:
+        assert model.lm_head.weight is model.embed_tokens.weight
+    model.gradient_checkpointing = args.grad_checkpointing
+    model.train()
+    return model, corpus
+
+
 # ----------------------------------------------------------------------------------------------------------------------
-# examples
+# examples and schedule
 
 def batch_for(step, micro, rank, world, args, corpus, train_len):
     """Tokens, targets, positions (micro_batch, T) of one micro-step: global examples are numbered
     step * batch + k, and process `rank` takes k = (micro * world + rank) * micro_batch + j."""
     rows = []
+    span = pose.window_length(args.method, train_len, args.target)
     for j in range(args.micro_batch_size):
         index = step * args.batch_size + (micro * world + rank) * args.micro_batch_size + j
-        rng = example_rng(args.seed, index)
-        doc = corpus.sample_doc(rng)
-        rows.append(make_example(args.method, doc, train_len, args.target, chunks=args.chunks, content=args.content,
-                                 rng=rng, split=args.split))
-    ids = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
-    positions = torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.int64))
+        rng = pose.example_rng(args.seed, index)
+        window = corpus.sample(rng, span)  # a document drawn by length, then a window of it (data.py)
+        rows.append(pose.make_example(args.method, window, train_len, args.target, chunks=args.chunks,
+                                      content=args.content, rng=rng, split=args.split))
+    ids = torch.from_numpy(np.stack([r[0] for r in rows]))
+    positions = torch.from_numpy(np.stack([r[1] for r in rows]))
     # Next-token prediction inside the example, as the official code does (labels = input_ids, shifted by one):
     # the target of the last token of a PoSE chunk is the first token of the next chunk.
     targets = torch.full_like(ids, -100)
@@ -250,7 +432,7 @@ def load_checkpoint(model, optimizer, path):
         dcp.load(state, checkpoint_id=path)
     except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
         reason = ([line for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]
-        raise CheckpointError(f"{path}: cannot load checkpoint ({reason.strip()[:300]})") from None
+        raise hf.CheckpointError(f"{path}: cannot load checkpoint ({reason.strip()[:300]})") from None
     finally:
         logging.disable(logging.NOTSET)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -264,111 +446,47 @@ def read_log(path, upto):
         return [e for e in map(json.loads, f) if e["step"] <= upto]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-
-def build(args, device, mesh, rank):
-    """The sharded model with its weights, and the training corpus."""
-    if args.init:
-        try:
-            with open(args.init) as f:
-                cfg = ModelConfig.from_hf(json.load(f), where=args.init)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UsageError(f"--init {args.init}: {e}") from None
-        if not args.tokenizer:
-            raise UsageError("--init needs --tokenizer")
-        tokenizer_path = args.tokenizer
-    else:
-        args.model = args.model or DEFAULT_MODEL
-        cfg = read_config(args.model)
-        tokenizer_path = args.model
-    if args.train_len is None:
-        args.train_len = cfg.max_position_embeddings
-    if args.train_len > args.target:
-        raise UsageError(f"--target {args.target} is below the training length {args.train_len}: nothing to extend")
-    tokenizer = Tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
-    cfg.rope_scaling = scaling_from_spec(args.rope, args.train_len, factor=args.target / args.train_len)
-
-    # data: documents long enough for one example (the paper keeps documents of >= train_len tokens)
-    need = args.target if args.method == "full" else args.train_len
-    data_path = args.data or DEFAULT_DATA
-    # rank 0 tokenizes raw data into the cache first, the others then read it
-    corpus = on_rank0(lambda: data.load_corpus(data_path, tokenizer, min_tokens=need))
-    if rank != 0:
-        corpus = data.load_corpus(data_path, tokenizer, min_tokens=need)
-
-    # 1) the model skeleton on the meta device: no memory, no init cost
-    with torch.device("meta"):
-        model = LLaMA(cfg)
-    model.source = args.model
-    # 2) shard it, then give every rank storage for its shards only
-    state = None if args.init else on_rank0(lambda: read_state_dict(args.model, model, torch.float32))
-    shard_model(model, mesh, args, device)
-    model.to_empty(device=device)
-    # 3) weights: read on rank 0 only and broadcast shard by shard (the other ranks never hold a full copy), or a
-    #    fresh init for --init (same seed on every rank, so the shards agree)
-    if args.init:
-        torch.manual_seed(args.seed)
-        model.init_weights()
-    else:
-        set_model_state_dict(model, state or {}, options=StateDictOptions(full_state_dict=True,
-                                                                          broadcast_from_rank0=True))
-        del state
-    if cfg.tie_embeddings:
-        assert model.lm_head.weight is model.embed_tokens.weight
-    model.gradient_checkpointing = args.grad_checkpointing
-    model.train()
-    return model, corpus, tokenizer_path
-
-
-def export(model, args, rank, tokenizer_path):
+def export(model, args, rank):
     """The final model in Hugging Face format. Gathering the full state dict is a collective: every rank calls it."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
+        dtype = hf.stored_dtype(hf.read_config(args.model)) if args.export_dtype == "auto" else \
+            cli.torch_dtype(args.export_dtype, "cpu")
         model.cfg.max_position_embeddings = args.target
-        model.source = os.path.dirname(os.path.abspath(tokenizer_path)) if tokenizer_path.endswith(".model") \
-            else tokenizer_path
-        model.save_pretrained(args.out, state_dict=state)
+        model.save_pretrained(args.out, state_dict={k: v.to(dtype) for k, v in state.items()},
+                              tokenizer_dir=args.model)
     dist.barrier()
 
 
-def train(args):
-    device, mesh = setup_distributed()
+def disk_usage(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+def train(args, device, mesh):
     rank, world = dist.get_rank(), dist.get_world_size()
-    check_args(args, world)
-    if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" else "fp32"
-    if args.grad_checkpointing is None:
-        args.grad_checkpointing = device.type == "cuda"
-    model, corpus, tokenizer_path = build(args, device, mesh, rank)
-    args.out = args.out or os.path.join("out", f"{args.method}-{args.target}")
+    # 1) every check that can fail on bad input, before anything is written
+    resolve_args(args, world, device)
+    start, checkpoint_path, log, args.resumed_with = broadcast(on_rank0(lambda: check_out(args)))
+    model, corpus = build(args, device, mesh, rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8)  # "AdamW with its default hyperparameters"
-
-    start, log = 0, []
+    if checkpoint_path:
+        load_checkpoint(model, optimizer, checkpoint_path)
+    # 2) the run directory and its records: args.json, and the log up to the checkpoint we start from
     log_path = os.path.join(args.out, "log.jsonl")
-    if args.resume:
-        start, path = latest_checkpoint(args.out)
-        if path:
-            load_checkpoint(model, optimizer, path)
-            log = read_log(log_path, start)
-        elif rank == 0:
-            print(f"--resume: no checkpoint in {args.out}, starting from scratch", file=sys.stderr)
-    else:
-        def fresh_out():
-            if os.path.exists(log_path):
-                raise UsageError(f"{args.out} already holds a run; use --resume to continue it or another --out")
-        on_rank0(fresh_out)
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
+        make_run_dir(args.out)
         with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        with open(log_path + ".tmp", "w") as f:  # rewrite the log up to the checkpoint we resume from
+            json.dump(run_args(args), f, indent=2)
+        with open(log_path + ".tmp", "w") as f:
             f.writelines(json.dumps(e) + "\n" for e in log)
         os.replace(log_path + ".tmp", log_path)
     dist.barrier()
+    args.last_checkpoint = start
 
+    # 3) the loop
     micro_steps = args.batch_size // (world * args.micro_batch_size)
     tokens_per_step = args.batch_size * (args.target if args.method == "full" else args.train_len)
     tokens_done = log[-1]["tokens"] if log else 0
@@ -404,6 +522,8 @@ def train(args):
             entry = {"step": step + 1, "loss": round(loss_value, 6), "lr": lr, "tokens": tokens_done,
                      "seconds": round(seconds, 4), "grad_norm": round(grad_norm.item(), 6),
                      "tokens_per_s": round(tokens_per_step / seconds, 1), "peak_mem_gb": round(peak, 3)}
+            if step == start and args.resumed_with:
+                entry["resumed_with"] = args.resumed_with  # what --resume changed, from the step it resumed at
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:.0f}",
@@ -411,25 +531,59 @@ def train(args):
             bar.update(1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             save_checkpoint(model, optimizer, step + 1, args, rank)
+            args.last_checkpoint = step + 1
     bar.close()
-    export(model, args, rank, tokenizer_path)
+
+    # 4) the extended model, and what is left on disk
+    export(model, args, rank)
     if rank == 0:
-        ctxs = [args.train_len]
-        while ctxs[-1] * 2 <= args.target:
-            ctxs.append(ctxs[-1] * 2)
-        data_flag = "" if args.model == DEFAULT_MODEL else " --data YOUR_EVAL_DATA"
-        base = "" if args.init else f" --model {os.path.relpath(args.model)}"
-        print(f"saved the extended model to {args.out}\nnext: python evaluate.py{base} --model {args.out}{data_flag} "
-              f"--ctx {' '.join(map(str, ctxs))}\n      python passkey.py --model {args.out} "
-              f"--lengths {' '.join(map(str, ctxs))}")
+        summary(args)
+
+
+def broadcast(obj):
+    shared = [obj]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def summary(args):
+    checkpoints = os.path.join(args.out, "checkpoints")
+    if os.path.isdir(checkpoints) and args.delete_checkpoints:
+        shutil.rmtree(checkpoints)
+        print(f"removed {checkpoints} (--delete-checkpoints)")
+    ctxs = [args.train_len]
+    while ctxs[-1] * 2 <= args.target:
+        ctxs.append(ctxs[-1] * 2)
+    bundled = os.path.realpath(args.model) == os.path.realpath(BUNDLED_MODEL)
+    data_flag = "" if bundled else " --data YOUR_EVAL_DATA"
+    lines = [f"saved the extended model to {args.out} ({disk_usage(args.out) / 2**20:.1f} MB"
+             + (f", of which checkpoints/ {disk_usage(checkpoints) / 2**20:.1f} MB: --resume continues from them; "
+                f"delete them when done" if os.path.isdir(checkpoints) else "") + ")",
+             f"next: python evaluate.py --model {os.path.relpath(args.model)} --model {args.out}{data_flag} "
+             f"--ctx {' '.join(map(str, ctxs))}",
+             f"      python passkey.py --model {args.out} --lengths {' '.join(map(str, ctxs))}"]
+    if args.rope_scaling and args.rope_scaling.get("yarn_variant") == "revised":
+        lines.append("note: revised YaRN (yarn_variant) is read by this project only; transformers reads it as "
+                     "standard YaRN")
+    print("\n".join(lines))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
     try:
-        train(args)
-    except (UsageError, CheckpointError, data.DataError, FileNotFoundError, ValueError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+        device, mesh = setup_distributed()
+        train(args, device, mesh)
+    except KeyboardInterrupt:
+        if rank == 0:
+            step = getattr(args, "last_checkpoint", 0)
+            where = f"the last complete checkpoint is step {step} in {args.out}/checkpoints; resume with:\n  " \
+                    f"{shlex.join([sys.executable, *sys.argv] + ([] if args.resume else ['--resume']))}" if step \
+                else "no checkpoint was written yet"
+            print(f"\ninterrupted: {where}", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:  # UsageError, CheckpointError, DataError are ValueErrors
+        if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:

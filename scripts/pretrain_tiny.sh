@@ -14,8 +14,10 @@ mkdir -p "$work/data"
 [ -f "$work/tokenizer.model" ] || python scripts/make_tokenizer.py --out "$work"
 [ -f "$work/data/passkey.jsonl" ] || python scripts/make_passkey_corpus.py --out "$work/data/passkey.jsonl"
 for f in assets/books/train/*.txt.gz; do ln -sf "$(realpath "$f")" "$work/data/$(basename "$f")"; done
+[ -f "$work/init/config.json" ] || python scripts/init_model.py --config scripts/tiny_config.json \
+    --tokenizer "$work/tokenizer.model" --out "$work/init" --seed 0
 resume=$([ -d "$work/run/checkpoints" ] && echo --resume || true)
-[ -f "$work/run/config.json" ] || python train.py --init scripts/tiny_config.json --tokenizer "$work/tokenizer.model" --data "$work/data" \
+[ -f "$work/run/config.json" ] || python train.py --model "$work/init" --data "$work/data" \
     --out "$work/run" --target 256 --train-len 256 --method pi --rope none --steps "$steps" --batch-size 32 \
     --micro-batch-size 16 --lr 1e-3 --warmup 100 --weight-decay 0.1 --save-every 100 $resume
 # Stage 2: the same recipe with four times more passkey episodes (40% of the tokens instead of 14%): after stage 1

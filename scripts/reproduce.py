@@ -40,7 +40,9 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import passkey  # noqa: E402
-from model import LLaMA, Tokenizer  # noqa: E402
+from data import Tokenizer  # noqa: E402
+from model import LLaMA  # noqa: E402
+from rope import scaling_from_spec  # noqa: E402
 
 BASE = os.path.join(ROOT, "assets", "tiny")
 TRAIN_DATA = os.path.join(ROOT, "assets", "books", "train")
@@ -119,8 +121,9 @@ def training_cost(run_dir):
 def evaluate_row(name, model_dir, rope, docs, tokenizer, args):
     if rope == "main":
         rope = f"{args.rope}:{args.target // args.original}"
-    model, info = evaluate.load_model(model_dir, rope or evaluate.CHECKPOINT, original_len=args.original)
-    model.eval()
+    model = LLaMA.from_pretrained(model_dir)
+    if rope:
+        model.set_rope_scaling(scaling_from_spec(rope, args.original))
     ppl = {}
     for ctx in args.ctx:
         t0 = time.perf_counter()
@@ -131,7 +134,7 @@ def evaluate_row(name, model_dir, rope, docs, tokenizer, args):
     records = passkey.run_passkey(model, tokenizer, args.ctx, trials=args.trials, seed=args.seed, progress=True)
     acc = {str(r["length"]): r["accuracy"] for r in passkey.accuracy_by_length(records)}
     print(f"[{name}] passkey {acc}", flush=True)
-    return {"ppl": ppl, "passkey": acc, "rope_scaling": info["rope_scaling"], "model": os.path.relpath(model_dir, ROOT)}
+    return {"ppl": ppl, "passkey": acc, "rope_scaling": model.cfg.rope_scaling, "model": os.path.relpath(model_dir, ROOT)}
 
 
 def fmt_ppl(x):

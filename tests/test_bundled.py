@@ -10,7 +10,8 @@ import torch
 import data
 import evaluate
 import passkey
-from model import LLaMA, Tokenizer
+from data import Tokenizer
+from model import LLaMA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "assets", "tiny")

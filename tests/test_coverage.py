@@ -59,7 +59,7 @@ def test_exact_two_chunks_matches_brute_force_over_ids(Lc, Lt, split):
     acc = np.zeros(Lt)
     for l0 in range(1, top + 1):
         for u in range(Lt - Lc + 1):
-            pos = pose._layout_positions(np.array([l0, Lc - l0]), np.array([0, u]), Lc)
+            pos = pose.layout_positions(np.array([l0, Lc - l0]), np.array([0, u]))
             acc += distances(pos, Lt)
     acc /= top * (Lt - Lc + 1)
     exact = coverage.coverage_exact_two_chunks(Lc, Lt, split)
@@ -119,7 +119,7 @@ def exact_pose_law(L, Lt, N):
     for cuts in cuts_all:
         lengths = np.diff((0,) + cuts + (L,))
         for skips, p in skip_paths(1, 0, 1.0):
-            pos = pose._layout_positions(lengths, np.array((0,) + skips), L)
+            pos = pose.layout_positions(lengths, np.array((0,) + skips))
             acc += p * distances(pos, Lt)
     return acc / len(cuts_all)
 
@@ -137,7 +137,7 @@ def test_interval_union_equals_fft_equals_brute_force():
     for L, Lt, N in ((1, 1, 1), (5, 5, 5), (10, 40, 1), (10, 40, 2), (10, 40, 5), (10, 40, 10), (64, 500, 9)):
         lays = [pose.sample_chunks(L, Lt, N, rng) for _ in range(20)]
         by_intervals = coverage.covered_from_layouts(lays, Lt)
-        pos = np.stack([pose._layout_positions(l, u, L) for _, l, u in lays])
+        pos = np.stack([pose.layout_positions(l, u) for _, l, u in lays])
         by_fft = coverage.covered_from_positions(pos, Lt)
         brute = np.stack([distances(p, Lt) > 0 for p in pos])
         assert np.array_equal(by_intervals, brute) and np.array_equal(by_fft, brute)

@@ -12,7 +12,7 @@ import sentencepiece as spm
 
 import data
 from data import Corpus, DataError, load_corpus, prepare
-from model import Tokenizer
+from data import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [
@@ -260,7 +260,7 @@ def test_sample_doc_proportional_to_length():
     assert chi2 < 18.47, (counts, expected)  # chi-square, 4 degrees of freedom, p = 0.001
     # on a filtered view, indices and documents refer to the view
     view = corpus.filter(10)
-    docs = [view.sample_doc(rng) for _ in range(2000)]
+    docs = [view.sample(rng, 100) for _ in range(2000)]
     assert {len(d) for d in docs} == {10, 20, 64}
     assert sum(len(d) == 64 for d in docs) > sum(len(d) == 10 for d in docs) * 3
 
@@ -275,4 +275,17 @@ def test_sample_doc_deterministic():
     assert s1 == [corpus.sample_index(r2) for _ in range(200)] and a == [s1[0]] * 3
     assert s1 != [corpus.sample_index(r3) for _ in range(200)]
     r1, r2 = np.random.default_rng(7), np.random.default_rng(7)
-    assert all(np.array_equal(corpus.sample_doc(r1), corpus[i]) for i in [corpus.sample_index(r2) for _ in range(50)])
+    assert all(np.array_equal(corpus.sample(r1, 100), corpus[i]) for i in [corpus.sample_index(r2) for _ in range(50)])
+
+
+def test_sample_window_covers_the_document():
+    """A long document gives windows at every offset: documents are drawn with replacement, and every example of a
+    long book must not open with the same text."""
+    corpus = Corpus(np.arange(20, dtype=np.uint16), [0, 20])
+    rng = np.random.default_rng(9)
+    firsts = {int(corpus.sample(rng, 16)[0]) for _ in range(300)}
+    assert firsts == set(range(5))  # U{0..len(doc) - length}
+    assert all(len(corpus.sample(rng, 16)) == 16 for _ in range(10)) and len(corpus.sample(rng, 50)) == 20
+    book = Corpus(np.arange(10_000, dtype=np.uint16), [0, 10_000])
+    firsts = [int(book.sample(np.random.default_rng(seed), 80)[0]) for seed in range(300)]
+    assert len(set(firsts)) > 250 and min(firsts) < 1000 and max(firsts) > 8000

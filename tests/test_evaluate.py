@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import evaluate
-from evaluate import original_window, perplexity, supported_window, windows
+from evaluate import perplexity, windows
+from rope import describe_rope, original_window, supported_window
 from model import LLaMA, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,10 +118,11 @@ def test_original_and_supported_window():
     pi = ModelConfig(max_position_embeddings=16384, rope_scaling={"type": "linear", "factor": 8})
     yarn = ModelConfig(max_position_embeddings=65536,
                        rope_scaling={"rope_type": "yarn", "factor": 16, "original_max_position_embeddings": 4096})
-    assert original_window(plain) == 2048 and supported_window(None, 2048) == 2048
-    assert original_window(pi) == 2048 and supported_window(pi.rope_scaling, 2048) == 16384
-    assert original_window(yarn) == 4096 and supported_window(yarn.rope_scaling, 4096) == 65536
-    assert evaluate.describe_rope(None) == "none" and evaluate.describe_rope(pi.rope_scaling) == "linear:8"
+    window = lambda cfg: original_window(cfg.rope_scaling, cfg.max_position_embeddings)  # noqa: E731
+    assert window(plain) == 2048 and supported_window(None, 2048) == 2048
+    assert window(pi) == 2048 and supported_window(pi.rope_scaling, 2048) == 16384
+    assert window(yarn) == 4096 and supported_window(yarn.rope_scaling, 4096) == 65536
+    assert describe_rope(None) == "none" and describe_rope(pi.rope_scaling) == "linear:8"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,7 +170,7 @@ def test_cli_table_json_and_warning(tiny_model_dir, corpus_file, tmp_path):
             assert r["ppl"] == pytest.approx(math.exp(r["nll"] / r["tokens"]), rel=1e-12)
     # the same numbers in code: first 3 documents of >= 128 tokens, truncated
     import data
-    from model import Tokenizer
+    from data import Tokenizer
     model = LLaMA.from_pretrained(tiny_model_dir)
     corpus = data.load_corpus(corpus_file, Tokenizer(tiny_model_dir), cache_dir=str(tmp_path / "cache")).filter(128)
     docs = [corpus[i][:128] for i in range(3)]
@@ -201,8 +203,10 @@ def test_cli_bad_input(tiny_model_dir, corpus_file, tmp_path):
     (["--ctx", "abc"], "invalid int value"),
     (["--ctx", "32", "--rope", "spline:2"], "unknown rope"),
 ])
-def test_parse_errors_are_one_line(args, message):
+def test_parse_errors_are_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.parse_args(["--model", "m", "--data", "d", *args])
-    assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and message in err
     assert "\n" not in str(exit_info.value)

@@ -1,14 +1,13 @@
 """Our LLaMA against transformers' LlamaForCausalLM, checkpoint I/O, the chunked loss and the attention paths."""
 import json
 import os
-import sys
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, LLaMA
+from hf import CheckpointError
+from model import LLaMA
 from rope import RoPE
 
 transformers = pytest.importorskip("transformers")
@@ -202,7 +201,8 @@ def test_flash_attn_path_layout(tmp_path, monkeypatch):
                                            is_causal=causal, enable_gqa=True)
         return y.transpose(1, 2)
 
-    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    import model
+    monkeypatch.setattr(model, "flash_attn_func", flash_attn_func)  # what `from flash_attn import ...` would bind
     path, _ = hf_checkpoint(tmp_path, num_key_value_heads=2)
     ours = LLaMA.from_pretrained(path)
     tokens, positions = sample_inputs()

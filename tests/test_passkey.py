@@ -13,7 +13,8 @@ import sentencepiece as spm
 import torch
 
 import passkey
-from model import LLaMA, Tokenizer
+from data import Tokenizer
+from model import LLaMA
 from passkey import FILLER, KEY_LINE, QUESTION, TASK, greedy_answer, make_prompt, run_passkey
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,23 +82,29 @@ def test_key_placement(tok):
 
 
 class AnswersKey:
-    """A fake model that reads the key from its prompt and answers `template` filled with it, token by token."""
+    """A fake decoder (passkey.Decoder's start/step) that reads the key from its prompt and answers `template` filled
+    with it, token by token."""
 
     def __init__(self, tok, template="{key}. The", wrong=False):
         self.tok, self.template, self.wrong = tok, template, wrong
-        self.start, self.last, self.calls = None, -1, 0
+        self.answer, self.done, self.calls = None, 0, 0
 
-    def __call__(self, ids):
-        self.calls += 1
-        if len(ids) != self.last + 1:  # a new prompt (each later call has one more token)
-            self.start = len(ids)
-        self.last = len(ids)
-        key = int(re.search(r"The pass key is (\d+)", self.tok.decode(ids[:self.start])).group(1))
+    def start(self, ids):
+        key = int(re.search(r"The pass key is (\d+)", self.tok.decode(list(ids))).group(1))
         if self.wrong:
             key = 10000 + (key - 10000 + 1) % 90000  # another 5-digit key
-        answer = self.tok.encode(self.template.format(key=key), bos=False)
+        self.answer, self.done = self.tok.encode(self.template.format(key=key), bos=False), 0
+        return self._logits()
+
+    def step(self, token):
+        assert token == self.answer[min(self.done, len(self.answer) - 1)]  # greedy: the argmax is fed back
+        self.done += 1
+        return self._logits()
+
+    def _logits(self):
+        self.calls += 1
         logits = torch.zeros(self.tok.vocab_size)
-        logits[answer[min(len(ids) - self.start, len(answer) - 1)]] = 1.0
+        logits[self.answer[min(self.done, len(self.answer) - 1)]] = 1.0
         return logits
 
 
@@ -150,30 +157,34 @@ def test_default_lengths():
 
 
 def test_model_decoding_equals_full_logits(tiny_model_dir):
+    """Decoder with and without the KV cache: each step's logits equal the last row of a full forward pass."""
     model, tok = LLaMA.from_pretrained(tiny_model_dir), Tokenizer(tiny_model_dir)
-    cached, uncached = passkey.next_logits_of(model), passkey.next_logits_of(model, use_cache=False)
-    for key in (11111, 22222):  # the second prompt must not see the first one's cache
-        prompt = make_prompt(tok, 250, key, 0.5)
-        ids = list(prompt.ids)  # brute-force greedy from the full logits of model(tokens)
-        with torch.no_grad():
-            for step in range(4):
-                full = model(torch.tensor([ids]))[0, -1]
-                torch.testing.assert_close(cached(ids), full, rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(uncached(ids), full, rtol=1e-5, atol=1e-5)
-                ids.append(int(full.argmax()))
-        want = tok.decode(ids[len(prompt.ids):])
-        for next_logits in (passkey.next_logits_of(model), uncached):
-            assert greedy_answer(next_logits, prompt.ids, tok, max_new_tokens=4) == want
+    for use_cache in (True, False):
+        decoder = passkey.Decoder(model, use_cache)
+        for key in (11111, 22222):  # the second prompt must not see the first one's cache
+            prompt = make_prompt(tok, 250, key, 0.5)
+            ids = list(prompt.ids)  # brute-force greedy from the full logits of model(tokens)
+            logits = decoder.start(ids)
+            with torch.no_grad():
+                for step in range(4):
+                    full = model(torch.tensor([ids]))[0, -1]
+                    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+                    ids.append(int(full.argmax()))
+                    logits = decoder.step(ids[-1])
+            want = tok.decode(ids[len(prompt.ids):])
+            assert greedy_answer(decoder, prompt.ids, tok, max_new_tokens=4) == want
+        assert (decoder.cache is not None) == use_cache
 
 
 def test_dynamic_ntk_decodes_without_cache(tiny_model_dir):
     from rope import scaling_from_spec
     model = LLaMA.from_pretrained(tiny_model_dir)
     model.set_rope_scaling(scaling_from_spec("dynamic:4", 64))  # rescales with the length: cached keys go stale
-    next_logits, ids = passkey.next_logits_of(model), torch.randint(3, 300, (200,)).tolist()
-    with torch.no_grad():
-        for n in (199, 200):  # a prompt, then one more token (beyond the 64-token original window)
-            torch.testing.assert_close(next_logits(ids[:n]), model(torch.tensor([ids[:n]]))[0, -1])
+    decoder, ids = passkey.Decoder(model), torch.randint(3, 300, (200,)).tolist()
+    with torch.no_grad():  # a prompt, then one more token (beyond the 64-token original window)
+        torch.testing.assert_close(decoder.start(ids[:199]), model(torch.tensor([ids[:199]]))[0, -1])
+        torch.testing.assert_close(decoder.step(ids[199]), model(torch.tensor([ids]))[0, -1])
+    assert decoder.cache is None
 
 
 # ----------------------------------------------------------------------------------------------------------------

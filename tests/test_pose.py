@@ -226,47 +226,36 @@ def test_randpos_law():
     assert chi_square(counts, np.full(len(subsets), n / len(subsets))) < critical(len(subsets) - 1)
 
 
-def test_full_and_pi_positions():
-    assert np.array_equal(pose.full_positions(10), np.arange(10))
-    assert np.array_equal(pose.pi_positions(4), np.arange(4))
-
-
 @pytest.mark.parametrize("method,length", [("pose", 16), ("full", 64), ("randpos", 16), ("pi", 16)])
 def test_make_example(method, length):
-    doc = np.arange(100) + 5
+    window = np.arange(100) + 5  # data.Corpus.sample cut it from a document
     for seed in range(10):
-        ids, pos = pose.make_example(method, doc, 16, 64, chunks=3, rng=seed)
+        ids, pos = pose.make_example(method, window, 16, 64, chunks=3, rng=seed)
         assert ids.shape == pos.shape == (length,) and ids.dtype == pos.dtype == np.int64
         assert np.all(np.diff(pos) >= 1) and pos[0] >= 0 and pos[-1] < 64
-        if method != "pose":  # one contiguous stretch from a random offset
-            assert np.array_equal(ids, ids[0] + np.arange(length)) and ids[-1] <= 104
+        if method != "pose":  # the window's first tokens
+            assert np.array_equal(ids, window[:length])
         if method in ("full", "pi"):
             assert np.array_equal(pos, np.arange(length))
-    short = doc[:80]  # no longer than max(5 * train_len, target_len): PoSE reads the whole document
-    ids, pos = pose.make_example("pose", short, 16, 64, 3, "uniform", 11)
-    ids2, pos2 = pose.pose_example(short, 16, 64, 3, "uniform", 11)
+    ids, pos = pose.make_example("pose", window, 16, 64, 3, "uniform", 11)
+    ids2, pos2 = pose.pose_example(window, 16, 64, 3, "uniform", 11)
     assert np.array_equal(ids, ids2) and np.array_equal(pos, pos2)
 
 
-def test_pose_examples_of_a_long_document_start_anywhere():
-    """v_0 = 0 is relative to a random window of the document, not its first token: documents are drawn with
-    replacement, and every example of a long book must not open with the same text."""
-    doc = np.arange(10_000)
-    firsts = [int(pose.make_example("pose", doc, 16, 64, rng=seed)[0][0]) for seed in range(300)]
-    assert len(set(firsts)) > 250 and min(firsts) < 1000 and max(firsts) > 8000
+def test_window_length():
+    assert pose.window_length("full", 16, 64) == 64 and pose.window_length("pi", 16, 64) == 16
+    assert pose.window_length("randpos", 16, 64) == 16
+    assert pose.window_length("pose", 16, 64) == 80 and pose.window_length("pose", 16, 1024) == 1024
+
+
+def test_content_modes():
+    window = np.arange(10_000)
     for content in ("contiguous", "aligned"):
-        ids, pos = pose.make_example("pose", doc, 16, 64, content=content, rng=3)
+        ids, pos = pose.make_example("pose", window, 16, 64, content=content, rng=3)
         if content == "contiguous":
             assert np.array_equal(ids, ids[0] + np.arange(16))
         else:
             assert np.array_equal(ids - ids[0], pos)  # aligned: content offsets follow the positions
-
-
-def test_random_offset_covers_document():
-    doc = np.arange(20)
-    rng = np.random.default_rng(9)
-    firsts = {int(pose.make_example("pi", doc, 16, 64, rng=rng)[0][0]) for _ in range(300)}
-    assert firsts == set(range(5))  # U{0..len(doc) - train_len}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +301,7 @@ def test_rng_none_is_fresh():
     (lambda: pose.make_example("full", np.arange(30), 10, 40), "target_len \\(40\\)"),
     (lambda: pose.make_example("pi", np.arange(30), 10, 40, content="x"), "content"),
     (lambda: pose.randpos_positions(10, 9), "target_len"),
-    (lambda: pose.full_positions(0), "target_len"),
+    (lambda: pose.make_example("pose", np.arange(30), 10, 20, chunks=3, split="official"), "official"),
     (lambda: pose.example_rng(-1, 0), "seed"),
 ])
 def test_bad_input(call, match):

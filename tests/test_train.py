@@ -162,7 +162,7 @@ def test_bf16_checkpointing_and_offload_paths(tmp_path, tiny_model, stdlib_corpu
 
 def test_examples_do_not_depend_on_the_world_size(stdlib_corpus, tiny_model):
     import data
-    from model import Tokenizer
+    from data import Tokenizer
     corpus = data.load_corpus(stdlib_corpus, Tokenizer(tiny_model), min_tokens=32)
     args = SimpleNamespace(batch_size=8, micro_batch_size=2, seed=3, method="pose", target=128, chunks=2,
                            content="uniform", split="uniform")

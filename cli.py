@@ -1,0 +1,88 @@
+"""What every command line of the project shares: one error form, Ctrl-C, output paths, device and dtype defaults.
+
+Every script reports bad input as one line, `error: ...`, on stderr with exit status 1, never a traceback; Ctrl-C
+prints one line and exits 130 (128 + SIGINT, the shell's convention). Only the standard library is imported here,
+so that numpy-only scripts (coverage.py) stay light.
+"""
+import argparse
+import os
+import sys
+
+
+class UsageError(ValueError):
+    """Bad command-line input or settings, reported as one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: ...`, exit 1, like every other error of these scripts."""
+
+    def error(self, message):
+        fail(message)
+
+
+def fail(message, code=1):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def run(main, interrupted="interrupted"):
+    """Call main(); expected errors (ValueError, which the project's errors derive from, and OSError) become one
+    line and exit 1, Ctrl-C the line `interrupted` and exit 130."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError) as e:
+        fail(str(e) or type(e).__name__)
+
+
+def check_out_path(flag, path):
+    """A file the script will write at the end: fail now, not after the run, if it cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag}: folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}: {path} is a folder")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag}: {path} is not writable")
+
+
+def check_plot_path(flag, path):
+    """check_out_path, and matplotlib can write the file's format."""
+    check_out_path(flag, path)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError(f"{flag} needs matplotlib (pip install matplotlib)") from None
+    ext = os.path.splitext(path)[1][1:].lower()
+    formats = Figure().canvas.get_supported_filetypes()
+    if ext not in formats:
+        raise UsageError(f"{flag}: unsupported file extension '.{ext}', use one of {', '.join(sorted(formats))}")
+
+
+def positive(name, value, minimum=1):
+    if value < minimum:
+        raise UsageError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def default_device():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def torch_dtype(name, device):
+    """--dtype: bf16 on CUDA and fp32 elsewhere unless given."""
+    import torch
+    name = name or ("bf16" if str(device).startswith("cuda") else "fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
