@@ -1,0 +1,353 @@
+"""scripts/gpu_check.py's checks on the CPU at tiny sizes: the same functions the GPU run calls, with a device argument.
+
+Each test asserts what the check decides (pass on a correct path, fail on a broken one), not only that it runs."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
+spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(check)
+
+from model import KVCache  # noqa: E402
+
+LLAMA_7B_PARAMS = 6_738_415_616  # Meta's LLaMA-7B / Llama-2-7B checkpoints
+
+
+def tiny_cfg(scaling=None, window=64, vocab=512, n_layers=2):
+    return check.logits_config(scaling, vocab=vocab, dim=128, n_layers=n_layers, n_heads=4, n_kv_heads=2, window=window)
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """FSDP2 needs a process group: a one-process gloo group, removed afterwards."""
+    import torch.distributed as dist
+    check.single_process_group("cpu")
+    yield
+    dist.destroy_process_group()
+
+
+def test_without_cuda_one_line_and_exit_0(tmp_path):
+    out = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 1 and "no CUDA" in out.stdout and out.stderr == ""
+    assert not (tmp_path / "o").exists()
+
+
+# 1. logits
+
+@pytest.mark.parametrize("name", list(check.ROPE_CASES))
+def test_logits_check_bf16_within_tolerance(name, one_thread):
+    scaling = check.ROPE_CASES[name]
+    if scaling and "original_max_position_embeddings" in scaling:
+        scaling = dict(scaling, original_max_position_embeddings=64)
+    cfg = tiny_cfg(scaling)
+    fp32 = check.logits_check("cpu", torch.float32, cfg=cfg, seq_len=64, target=512)
+    bf16 = check.logits_check("cpu", torch.bfloat16, cfg=cfg, seq_len=64, target=512)
+    assert fp32["rel_err"] < 1e-5 and fp32["argmax"] == 1.0
+    assert 1e-3 < bf16["rel_err"] < check.LOGITS_TOL  # bf16 really rounded, and within the tolerance
+
+
+def test_logits_check_fails_on_a_rope_mistake(one_thread):
+    """The tolerance has power: the same weights with another rope factor, or with plain RoPE, are far outside it."""
+    cfg = tiny_cfg({"rope_type": "linear", "factor": 8.0})
+    for wrong in ({"rope_type": "linear", "factor": 4.0}, None):
+        r = check.logits_check("cpu", torch.float32, cfg=cfg, seq_len=64, target=512,
+                            reference=lambda c, w=wrong: check.random_model(tiny_cfg(w)))
+        assert r["rel_err"] > 5 * check.LOGITS_TOL, (wrong, r)
+
+
+# 2. train.py logs: losses, weights, kill and resume
+
+def entries(losses, lr=1e-3):
+    return [dict(step=i + 1, loss=x, lr=lr, tokens=(i + 1) * 64) for i, x in enumerate(losses)]
+
+
+def test_compare_losses():
+    ref = entries([5.0, 4.0, 3.0])
+    same = check.compare_losses(ref, entries([5.0, 4.0, 3.0]), 1e-4)
+    assert same["ok"] and same["identical"] and same["steps"] == 3
+    close = check.compare_losses(ref, entries([5.0, 4.0 * (1 + 5e-3), 3.0]), 2e-2)
+    assert close["ok"] and not close["identical"] and close["max_rel"] == pytest.approx(5e-3)
+    assert not check.compare_losses(ref, entries([5.0, 4.0 * (1 + 5e-3), 3.0]), 1e-4)["ok"]
+    assert not check.compare_losses(ref, entries([5.0, 4.0]), 1.0)["ok"]  # a missing step
+    assert not check.compare_losses(ref, entries([5.0, 4.0, 3.0], lr=2e-3), 1.0)["ok"]  # another schedule
+    assert not check.compare_losses([], [], 1.0)["ok"]
+
+
+def test_compare_weights(tmp_path):
+    a = {"w": torch.randn(8, 8), "b": torch.randn(8)}
+    for name, state in (("a", a), ("same", {k: v.clone() for k, v in a.items()}),
+                        ("near", {"w": a["w"] * (1 + 1e-6), "b": a["b"]}),
+                        ("far", {"w": a["w"] + 1e-2, "b": a["b"]}), ("other", {"w": a["w"]})):
+        os.makedirs(tmp_path / name)
+        save_file(state, str(tmp_path / name / "model.safetensors"))
+    assert check.compare_weights(tmp_path / "a", tmp_path / "same", 1e-4)["identical"]
+    near = check.compare_weights(tmp_path / "a", tmp_path / "near", 1e-4)
+    assert near["ok"] and not near["identical"]
+    far = check.compare_weights(tmp_path / "a", tmp_path / "far", 1e-4)
+    assert not far["ok"] and far["worst"] == "w"
+    assert not check.compare_weights(tmp_path / "a", tmp_path / "other", 1.0)["ok"]
+
+
+def test_kill_tree_reaches_workers_in_their_own_session():
+    """torchrun starts its workers with start_new_session: killing the launcher alone would leave them training."""
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+            "start_new_session=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 30
+    while len(check.process_tree(proc.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    tree = check.process_tree(proc.pid)
+    assert len(tree) == 2
+    check.kill_tree(proc.pid)
+    proc.wait(timeout=10)
+    for pid in tree[1:]:  # the grandchild is reaped by init: wait until it is gone
+        while time.time() < deadline and os.path.exists(f"/proc/{pid}") and \
+                open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory):
+    """Real text: some Python standard library sources, one document each."""
+    import argparse
+    import difflib
+    import textwrap
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(path, "w") as f:
+        for module in (argparse, difflib, textwrap):
+            f.write(json.dumps({"text": open(module.__file__).read()}) + "\n")
+    return str(path)
+
+
+FAKE_TORCHRUN = """
+import json, os, subprocess, sys, time
+out, steps, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if mode == "launcher":  # like torchrun: the worker in its own session, then wait for it
+    sys.exit(subprocess.Popen([sys.executable, __file__, out, str(steps), "worker"], start_new_session=True).wait())
+os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+for step in range(1, steps + 1):  # like train.py: a log line per step, step_N.tmp renamed to step_N every 3 steps
+    time.sleep(0.03)
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "loss": 1.0}) + "\\n")
+    if step % 3 == 0:
+        tmp = os.path.join(out, "checkpoints", f"step_{step:06d}.tmp")
+        os.makedirs(tmp)
+        os.replace(tmp, tmp[:-4])
+open(os.path.join(out, "model.safetensors"), "w").close()
+"""
+
+
+def test_run_and_kill_after_a_checkpoint(tmp_path):
+    script = tmp_path / "fake_torchrun.py"
+    script.write_text(FAKE_TORCHRUN)
+    out = tmp_path / "run"
+    killed_at = check.run_and_kill([sys.executable, str(script), str(out), "40", "launcher"], dict(os.environ),
+                                   str(out), steps=40)
+    assert 3 < killed_at < 40 and check.completed_checkpoints(str(out))[0] == 3
+    time.sleep(0.3)  # a worker that survived would go on logging
+    assert check.last_logged_step(str(out)) <= killed_at + 1 and not (out / "model.safetensors").exists()
+    with pytest.raises(RuntimeError, match="before it could be killed"):  # no checkpoint before the end
+        check.run_and_kill([sys.executable, str(script), str(tmp_path / "short"), "2", "launcher"], dict(os.environ),
+                           str(tmp_path / "short"), steps=2)
+
+
+def test_train_commands_parse_in_train_py(tiny_model_dir, text_corpus):
+    """Every flag gpu_check gives train.py exists and means what gpu_check assumes."""
+    import train
+    cmd = check.train_command("out/x", model=tiny_model_dir, data=text_corpus, precision="fp32", checkpointing=False,
+                              resume=True)
+    args = train.parse_args(cmd[cmd.index(check.TRAIN) + 1:])
+    assert (args.precision, args.grad_checkpointing, args.resume, args.steps, args.save_every) == (
+        "fp32", False, True, 16, 4)
+    assert (args.batch_size, args.micro_batch_size, args.lr, args.rope, args.method) == (16, 8, 2e-4, "yarn", "pose")
+    default = check.train_command("o")
+    assert train.parse_args(default[default.index(check.TRAIN) + 1:]).grad_checkpointing is True
+
+
+@pytest.mark.skipif(not os.environ.get("POSE_SLOW_TESTS"), reason="about a minute on 2 cores (4 train.py runs); "
+                    "set POSE_SLOW_TESTS=1")
+def test_train_check_end_to_end_on_cpu(tmp_path, tiny_model_dir, text_corpus):
+    """The whole section 2 on the CPU: torchrun train.py in bf16 with checkpointing vs fp32, kill -9 after a
+    checkpoint, --resume; every row passes, and the resumed run is the uninterrupted one exactly (CPU kernels are
+    deterministic)."""
+    rows = check.train_check("cpu", str(tmp_path / "train"), model=tiny_model_dir, data=text_corpus, steps=12,
+                          save_every=3, train_len=32, target=128, batch=4, micro_batch=2, lr=3e-3)
+    assert [r["status"] for r in rows] == ["pass"] * 4, rows
+    killed = rows[2]["data"]
+    assert 3 < killed["killed_at"] < 12 and killed["identical"] and rows[3]["data"]["identical"]
+    assert 0 < rows[1]["data"]["max_rel"] < check.TRAIN_LOSS_RTOL  # bf16 vs fp32: different, close
+
+
+# 3. memory arithmetic and the FSDP2 measurement path
+
+def test_param_count_is_llama_7b():
+    assert check.param_count(check.seven_b_config(32)) == LLAMA_7B_PARAMS
+    cfg = tiny_cfg()
+    from model import LLaMA
+    with torch.device("meta"):
+        assert check.param_count(cfg) == sum(p.numel() for p in LLaMA(cfg).parameters())
+
+
+def test_extrapolate_and_readme_scaling():
+    assert check.extrapolate([(4, 10.0), (8, 18.0)], 32) == (66.0, 2.0)
+    one, eight = check.readme_train_gb(world=1), check.readme_train_gb(world=8)
+    assert one["fp32 master weights"] == pytest.approx(27.2) and one["AdamW moments"] == pytest.approx(53.6)
+    assert one["bf16 embeddings and output layer (the FSDP root)"] == eight[
+        "bf16 embeddings and output layer (the FSDP root)"] == 0.5
+    assert sum(eight.values()) == pytest.approx(15.3 + 0.7)  # the README: "about 15 GB + 0.7 GB per example"
+    assert check.readme_train_gb(micro_batch=4)["activations kept with checkpointing"] == pytest.approx(2.0)
+
+
+def synthetic_measurement(layers, grad_bytes=4, activation_per_layer=2048 * 4096 * 2):
+    """Allocator readings as an exact FSDP2 run would give them (weights 4 B, gradients 4 B, AdamW 8 B per
+    parameter; one bf16 block input kept per layer; a fixed 1 GB root + loss)."""
+    n = check.param_count(check.seven_b_config(layers))
+    w, g, a = 4 * n, grad_bytes * n, 8 * n
+    held = layers * activation_per_layer + 1e9
+    step = dict(start=w + a, after_forward=w + a + held, after_backward=w + a + g, after_optimizer=w + a + g,
+                after_zero_grad=w + a, peak_forward_backward=w + a + g + held + 0.5e9, peak_optimizer=w + a + g + 4 * n)
+    first = dict(step, start=w, after_forward=w + held, after_backward=w + g, after_zero_grad=w + a)
+    windows = [dict(ctx=c, peak=2 * n + c * 11008 * 6) for c in (32768, 131072)]
+    return dict(train=dict(layers=layers, params=n, weights=w, steps=[first, step, step]),
+                eval=dict(layers=layers, weights=2 * n, windows=windows))
+
+
+def test_memory_rows_scale_to_32_layers():
+    rows = {r["check"]: r for r in check.memory_rows([synthetic_measurement(4), synthetic_measurement(8)])}
+    assert rows["fp32 weights"]["status"] == rows["fp32 gradients"]["status"] == rows["AdamW state"]["status"] == "pass"
+    assert rows["fp32 weights"]["data"]["at_32_layers"] == pytest.approx(4 * LLAMA_7B_PARAMS / 1e9)
+    assert rows["AdamW state"]["data"]["at_32_layers"] == pytest.approx(8 * LLAMA_7B_PARAMS / 1e9)
+    held = rows["held from forward to backward"]["data"]
+    assert held["per_layer"] == pytest.approx(2048 * 4096 * 2 / 1e9) and held["at_32_layers"] == pytest.approx(
+        32 * 2048 * 4096 * 2 / 1e9 + 1.0)
+    assert rows["eval window of 32k tokens, bf16: peak"]["data"]["at_32_layers"] == pytest.approx(
+        (2 * LLAMA_7B_PARAMS + 32768 * 11008 * 6) / 1e9)
+    per_gpu = [r for c, r in rows.items() if c.startswith("LLaMA-7B per GPU")][0]["data"]["per_gpu_gb"]
+    forward_backward = 16 * LLAMA_7B_PARAMS / 8 / 1e9 + 0.5 + 32 * 2048 * 4096 * 2 / 1e9 + 1.0
+    optimizer = 20 * LLAMA_7B_PARAMS / 8 / 1e9  # weights, gradients, moments and one parameter-sized temporary
+    assert per_gpu == pytest.approx(max(forward_backward, optimizer))
+    # a copy too many (bf16 gradients kept beside fp32 ones, 6 B per parameter) is a failed check
+    bad = {r["check"]: r for r in check.memory_rows([synthetic_measurement(4, 6), synthetic_measurement(8, 6)])}
+    assert bad["fp32 gradients"]["status"] == "FAIL"
+
+
+def test_measure_training_and_speed_run_fsdp2_on_cpu(process_group, one_thread):
+    cfg = tiny_cfg({"rope_type": "linear", "factor": 8.0})
+    m = check.measure_training("cpu", cfg, seq_len=64, micro_batch=2, steps=2)
+    assert m["params"] == check.param_count(cfg) and len(m["steps"]) == 2
+    assert all(math.isfinite(s["loss"]) for s in m["steps"]) and m["steps"][1]["loss"] != m["steps"][0]["loss"]
+    s = check.speed_pose_vs_full("cpu", cfg, train_len=32, target=128, repeats=1)
+    assert s["pose"]["seq_len"] == 32 and s["full"]["seq_len"] == 128
+    assert s["full"]["flops"] == check.train_flops(cfg, 1, 128) and s["pose"]["seconds"] > 0
+    e = check.measure_eval("cpu", cfg, [128, 256])
+    assert [w["ctx"] for w in e["windows"]] == [128, 256] and all(math.isfinite(w["loss"]) for w in e["windows"])
+
+
+# 4. throughput arithmetic and the transformers comparison
+
+def test_flops_and_mfu_arithmetic():
+    cfg = check.seven_b_config(32)
+    dense = 6 * (LLAMA_7B_PARAMS - 32000 * 4096) * 2048
+    attention = 6 * 32 * 2048 ** 2 * 4096  # causal: half of the 12 L T^2 d of a full attention matrix
+    assert check.train_flops(cfg, 1, 2048) == dense + attention
+    assert check.train_flops(cfg, 8, 2048) == 8 * check.train_flops(cfg, 1, 2048)
+    assert check.train_flops(cfg, 1, 16384) > 8 * check.train_flops(cfg, 1, 2048)  # attention grows with T^2
+    assert check.mfu(989e12, 2.0, 989.0) == pytest.approx(0.5) and check.mfu(1.0, 1.0, None) is None
+    assert check.peak_tflops("NVIDIA H100 80GB HBM3") == 989 and check.peak_tflops("NVIDIA H100 PCIe") == 756
+    assert check.peak_tflops("NVIDIA H200") == 989 and check.peak_tflops("Some GPU") is None
+    assert check.peak_tflops("Some GPU", 123.0) == 123.0
+
+
+def test_speed_rows_flag_impossible_mfu():
+    step = dict(seq_len=2048, seconds=1.0, tokens_per_s=2048.0, flops=2e15)
+    result = dict(steps=dict(pose=step, full=dict(step, seq_len=16384, seconds=9.0)),
+                  versus=dict(seq_len=2048, ours_s=1.0, transformers_s=1.1, ratio=1 / 1.1, loss_ours=10.0,
+                              loss_transformers=10.01))
+    rows = check.speed_rows(result, 8, 989.0)
+    assert rows[0]["status"] == "FAIL"  # 2 PFLOP in one second is more than the GPU can do: wrong accounting
+    assert rows[1]["data"]["mfu"] == pytest.approx(2e15 / 9.0 / 989e12) and rows[1]["status"] == "info"
+    assert rows[3]["status"] == "pass"
+    result["versus"]["loss_transformers"] = 11.0  # the two models did not compute the same thing
+    assert check.speed_rows(result, 8, 989.0)[3]["status"] == "FAIL"
+
+
+def test_ours_vs_transformers_same_weights_same_loss(tmp_path, one_thread):
+    pytest.importorskip("transformers")
+    r = check.ours_vs_transformers("cpu", tiny_cfg(vocab=256), seq_len=64, repeats=1, dtype=torch.float32,
+                                workdir=str(tmp_path))
+    assert r["loss_ours"] == pytest.approx(r["loss_transformers"], rel=1e-5)
+    assert r["ratio"] > 0 and not os.listdir(tmp_path)  # the temporary checkpoint is gone
+
+
+# 5. passkey: KV cache vs re-reading
+
+@pytest.fixture(scope="module")
+def passkey_setup():
+    tokenizer = check.Tokenizer(os.path.join(check.TINY_MODEL, "tokenizer.model"))
+    cfg = check.passkey_config(vocab=tokenizer.vocab_size, window=128, factor=4.0, dim=64)
+    return check.random_model(cfg), tokenizer
+
+
+def test_passkey_cache_matches_rereading(passkey_setup, one_thread):
+    model, tokenizer = passkey_setup
+    results = check.passkey_check("cpu", model, tokenizer, [160, 320], trials=2, max_new_tokens=4)
+    for r in results:
+        assert r["ok"] and r["same"] == 2 and r["cache_used"] and r["max_rel_err"] < 1e-4, r
+        assert r["cache_steps"] > 0
+
+
+def test_passkey_check_fails_on_a_broken_cache(passkey_setup, one_thread, monkeypatch):
+    """A cache that forgets the prompt (returns only the new token's keys and values) is caught."""
+    model, tokenizer = passkey_setup
+
+    def forgetful(self, layer, k, v):
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    monkeypatch.setattr(KVCache, "update", forgetful)
+    r = check.passkey_check("cpu", model, tokenizer, [160], trials=2, max_new_tokens=4)[0]
+    assert not r["ok"] and r["max_rel_err"] > check.LOGITS_TOL
+
+
+def test_compare_decodes_near_ties():
+    ids = [1, 2, 3]
+    base = torch.tensor([0.0, 1.0, 0.999, -1.0])
+    # the same choices and nearly the same logits
+    same, tie, err = check.compare_decodes([(ids, base)], [(ids, base + 1e-4)])
+    assert same and not tie and err < 1e-3
+    # a different choice where the two tokens' logits are closer than the paths' difference: a near tie
+    flipped = base.clone()
+    flipped[2] += 0.002
+    cached, full = [(ids, flipped), (ids + [2], base)], [(ids, base), (ids + [1], base)]
+    same, tie, _ = check.compare_decodes(cached, full)
+    assert not same and tie
+    # a different choice with a clear winner in the re-read: a real difference
+    wrong = base.clone()
+    wrong[3] += 2.5
+    same, tie, _ = check.compare_decodes([(ids, wrong), (ids + [3], base)], full)
+    assert not same and not tie
+
+
+def test_results_written_as_json_and_markdown(tmp_path):
+    rows = [check.row("1 logits", "x", "rel err 1e-3", "<= 0.03", "pass", rel_err=1e-3),
+            check.row("2 train", "y", "z", status="FAIL")]
+    meta = dict(device="cpu", torch=torch.__version__, cuda=None, flash_attn=False, seconds=1.0)
+    text = check.write_results(str(tmp_path), rows, meta)
+    assert json.load(open(tmp_path / "results.json"))["rows"][0]["data"]["rel_err"] == 1e-3
+    lines = open(tmp_path / "results.md").read().splitlines()
+    assert lines[4] == "| 1 logits | x | rel err 1e-3 | <= 0.03 | pass |" and text.endswith("| FAIL |\n")
