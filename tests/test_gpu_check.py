@@ -173,7 +173,7 @@ def test_train_commands_parse_in_train_py(tiny_model_dir, text_corpus):
                               resume=True)
     args = train.parse_args(cmd[cmd.index(check.TRAIN) + 1:])
     assert (args.precision, args.grad_checkpointing, args.resume, args.steps, args.save_every) == (
-        "fp32", False, True, 16, 4)
+        "fp32", False, True, 24, 4)
     assert (args.batch_size, args.micro_batch_size, args.lr, args.rope, args.method) == (16, 8, 2e-4, "yarn", "pose")
     default = check.train_command("o")
     assert train.parse_args(default[default.index(check.TRAIN) + 1:]).grad_checkpointing is True
@@ -244,6 +244,12 @@ def test_memory_rows_scale_to_32_layers():
     # a copy too many (bf16 gradients kept beside fp32 ones, 6 B per parameter) is a failed check
     bad = {r["check"]: r for r in check.memory_rows([synthetic_measurement(4, 6), synthetic_measurement(8, 6)])}
     assert bad["fp32 gradients"]["status"] == "FAIL"
+    # an evaluation window that ran out of memory is a failed row of its own; the other rows still come
+    oom = synthetic_measurement(8)
+    oom["eval"]["windows"][1] = dict(ctx=131072, peak=None, error="CUDA out of memory")
+    rows = check.memory_rows([synthetic_measurement(4), oom])
+    assert [r["status"] for r in rows if "128k" in r["check"]] == ["FAIL"]
+    assert any(r["check"] == "eval window of 32k tokens, bf16: peak" for r in rows)
 
 
 def test_measure_training_and_speed_run_fsdp2_on_cpu(process_group, one_thread):
