@@ -258,8 +258,8 @@ def compare_weights(dir_a, dir_b, rtol):
         return dict(ok=False, max_rel=math.inf, identical=False, reason="tensor names differ")
     rel = {k: rel_error(b[k], a[k]) for k in a}
     worst = max(rel, key=rel.get)
-    return dict(ok=rel[worst] <= rtol, max_rel=rel[worst], worst=worst, identical=all(torch.equal(a[k], b[k]) for k in a),
-                reason="")
+    identical = all(torch.equal(a[k], b[k]) for k in a)
+    return dict(ok=rel[worst] <= rtol, max_rel=rel[worst], worst=worst, identical=identical, reason="")
 
 
 def process_tree(pid):
@@ -422,6 +422,11 @@ def mfu(flops, seconds, peak):
     return None if not peak else flops / seconds / (peak * 1e12)
 
 
+def ktokens(n):
+    """32768 -> "32k"; counts that are not whole multiples of 1024 as they are."""
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
 def extrapolate(points, n):
     """The value at n of the straight line through two (layers, value) points: per-layer cost plus a fixed part."""
     (x1, y1), (x2, y2) = sorted(points)[:1] + sorted(points)[-1:]
@@ -453,9 +458,12 @@ class Memory:
 def single_process_group(device):
     """A one-process group (NCCL on CUDA, gloo on the CPU) for FSDP2; no port needed."""
     import torch.distributed as dist
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index or 0)  # NCCL binds to the current device
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo", store=dist.HashStore(),
-                                rank=0, world_size=1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
 
 
 def fsdp_model(cfg, device, precision="bf16", std=0.02):
@@ -655,21 +663,27 @@ def release(device):
         torch.cuda.empty_cache()
 
 
-def worker(kind, layers, out_path):
-    """One measurement in this fresh process (a clean CUDA allocator); writes JSON to out_path."""
-    device = torch.device("cuda")
+def worker(kind, layers, out_path, device="cuda", shape=seven_b_config, train_len=2048, target=16384,
+           eval_ctxs=(32768, 131072)):
+    """One measurement in this fresh process (a clean CUDA allocator); writes JSON to out_path. shape(n_layers,
+    scaling) gives the model; the other arguments are the sizes (tests use tiny ones on the CPU)."""
+    device = torch.device(device)
+    factor = target / train_len
     if kind == "memory":
         # evaluation first: its plain bf16 model is freed at once, the FSDP training model needs the collector
-        result = dict(eval=measure_eval(device, seven_b_config(layers, {"rope_type": "linear", "factor": 64.0}),
-                                        [32768, 131072]))
+        eval_factor = max(eval_ctxs) / train_len
+        result = dict(eval=measure_eval(device, shape(layers, {"rope_type": "linear", "factor": eval_factor}),
+                                        list(eval_ctxs)))
         release(device)
-        result["train"] = measure_training(device, seven_b_config(layers, {"rope_type": "linear", "factor": 8.0}))
+        result["train"] = measure_training(device, shape(layers, {"rope_type": "linear", "factor": factor}),
+                                           seq_len=train_len)
     else:
-        cfg = seven_b_config(layers, {"rope_type": "linear", "factor": 8.0})
-        result = dict(steps=speed_pose_vs_full(device, cfg))
+        cfg = shape(layers, {"rope_type": "linear", "factor": factor})
+        result = dict(steps=speed_pose_vs_full(device, cfg, train_len, target))
         release(device)
-        result["versus"] = ours_vs_transformers(device, cfg, workdir=os.path.dirname(out_path))
-    result["device"] = torch.cuda.get_device_name(device)
+        result["versus"] = ours_vs_transformers(device, cfg, train_len, workdir=os.path.dirname(out_path),
+                                                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     with open(out_path, "w") as f:
         json.dump(result, f)
 
@@ -718,10 +732,10 @@ def memory_rows(measured, micro_batch=1):
             - (steady["start"] + first["after_backward"] - first["start"]))
         for w in m["eval"]["windows"]:
             if w["peak"] is None:
-                oom.append(row("3 memory", f"eval window of {w['ctx'] // 1024}k tokens, {m['eval']['layers']} layers",
+                oom.append(row("3 memory", f"eval window of {ktokens(w['ctx'])} tokens, {m['eval']['layers']} layers",
                                "out of memory", "fits (README)", "FAIL", **w))
             else:
-                add(f"eval window of {w['ctx'] // 1024}k tokens, bf16: peak", m["eval"]["layers"], w["peak"])
+                add(f"eval window of {ktokens(w['ctx'])} tokens, bf16: peak", m["eval"]["layers"], w["peak"])
     total_readme = sum(readme.values())
     sharded = sum(readme[n] for n, _, s, _ in README_TRAIN_ROWS if s)
     references = {
@@ -786,7 +800,8 @@ def speed_rows(result, layers, peak):
     loss_rel = abs(v["loss_ours"] - v["loss_transformers"]) / abs(v["loss_transformers"])
     rows.append(row("4 speed", f"ours / transformers sdpa: forward + backward, {v['seq_len']} tokens, bf16, "
                     f"{layers} layers, same weights", f"{v['ratio']:.2f} ({v['ours_s'] * 1e3:.0f} ms vs "
-                    f"{v['transformers_s'] * 1e3:.0f} ms)", f"losses agree: rel diff {loss_rel:.1e} <= {TRAIN_LOSS_RTOL}",
+                    f"{v['transformers_s'] * 1e3:.0f} ms)",
+                    f"losses agree: rel diff {loss_rel:.1e} <= {TRAIN_LOSS_RTOL}",
                     "pass" if loss_rel <= TRAIN_LOSS_RTOL else "FAIL", **v))
     return rows
 
@@ -911,9 +926,13 @@ def section_passkey(device, lengths=(16384, 32768), trials=3):
 # output and main
 
 def markdown(rows, header):
-    lines = [header, "", "| section | check | measured | reference / limit | status |", "| --- | --- | --- | --- | --- |"]
+    lines = [header, "", "| section | check | measured | reference / limit | status |",
+             "| --- | --- | --- | --- | --- |"]
+    def cell(text):  # an error message may hold newlines or pipes
+        return " ".join(str(text).split()).replace("|", "\\|")
+
     for r in rows:
-        lines.append(f"| {r['section']} | {r['check']} | {r['value']} | {r['reference']} | {r['status']} |")
+        lines.append("| " + " | ".join(cell(r[k]) for k in ("section", "check", "value", "reference", "status")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -977,7 +996,8 @@ def main(argv=None):
                 result, raw[name] = result
             rows += result
         except Exception as e:  # a section that cannot finish is a failed check; the others still run
-            rows.append(row(SECTIONS[name], "section ran", f"{type(e).__name__}: {str(e).strip()[-600:]}", status="FAIL"))
+            rows.append(row(SECTIONS[name], "section ran", f"{type(e).__name__}: {str(e).strip()[-600:]}",
+                            status="FAIL"))
         log(f"section {name}: {time.time() - t0:.0f} s")
         torch.cuda.empty_cache()
     meta = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, cuda=torch.version.cuda,

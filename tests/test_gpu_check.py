@@ -264,6 +264,26 @@ def test_measure_training_and_speed_run_fsdp2_on_cpu(process_group, one_thread):
     assert [w["ctx"] for w in e["windows"]] == [128, 256] and all(math.isfinite(w["loss"]) for w in e["windows"])
 
 
+def tiny_shape(n_layers, scaling):
+    return check.logits_config(scaling, vocab=256, dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, window=32)
+
+
+def test_workers_results_feed_the_tables(tmp_path, process_group, one_thread):
+    """The worker processes' JSON (here on the CPU, tiny sizes) has what memory_rows and speed_rows read."""
+    sizes = dict(device="cpu", shape=tiny_shape, train_len=32, target=128, eval_ctxs=(64, 128))
+    measured = []
+    for layers in (1, 2):
+        check.worker("memory", layers, str(tmp_path / f"m{layers}.json"), **sizes)
+        measured.append(json.load(open(tmp_path / f"m{layers}.json")))
+    assert measured[1]["train"]["params"] == check.param_count(tiny_shape(2, None))
+    rows = check.memory_rows(measured)
+    assert len(rows) == 10 and rows[0]["check"] == "fp32 weights"  # the CPU has no allocator counters: all zeros
+    check.worker("speed", 2, str(tmp_path / "s.json"), **sizes)
+    result = json.load(open(tmp_path / "s.json"))
+    rows = check.speed_rows(result, 2, check.peak_tflops(result["device"], 1.0))
+    assert [r["status"] for r in rows] == ["info", "info", "info", "pass"], rows  # same loss as transformers
+
+
 # 4. throughput arithmetic and the transformers comparison
 
 def test_flops_and_mfu_arithmetic():
@@ -357,3 +377,34 @@ def test_results_written_as_json_and_markdown(tmp_path):
     assert json.load(open(tmp_path / "results.json"))["rows"][0]["data"]["rel_err"] == 1e-3
     lines = open(tmp_path / "results.md").read().splitlines()
     assert lines[4] == "| 1 logits | x | rel err 1e-3 | <= 0.03 | pass |" and text.endswith("| FAIL |\n")
+
+
+def test_main_runs_every_section_and_fails_on_a_failed_row(tmp_path, monkeypatch):
+    """The command's flow with the GPU sections stubbed: every section runs, one that raises becomes a FAIL row and
+    the others still run, the table is written, and the exit code says whether a check failed."""
+    monkeypatch.setattr(check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(check.torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    ran = []
+
+    def section(name, status="pass"):
+        def run(*args, **kw):
+            ran.append(name)
+            return [check.row(name, "c", "v", status=status)]
+        return run
+
+    def broken(*args, **kw):
+        ran.append("speed")
+        raise RuntimeError("worker failed")
+
+    monkeypatch.setattr(check, "section_logits", section("logits"))
+    monkeypatch.setattr(check, "train_check", section("train"))
+    monkeypatch.setattr(check, "section_memory", lambda *a, **k: (section("memory")(), {"raw": 1}))
+    monkeypatch.setattr(check, "section_speed", broken)
+    monkeypatch.setattr(check, "section_passkey", section("passkey", "info"))
+    assert check.main(["--out", str(tmp_path)]) == 1
+    assert ran == ["logits", "train", "memory", "speed", "passkey"]
+    rows = json.load(open(tmp_path / "results.json"))["rows"]
+    assert [r["status"] for r in rows] == ["pass", "pass", "pass", "FAIL", "info"]
+    assert rows[3]["section"] == "4 speed" and "worker failed" in rows[3]["value"]
+    monkeypatch.setattr(check, "section_speed", lambda *a, **k: ([], {}))
+    assert check.main(["--out", str(tmp_path), "--only", "logits", "speed"]) == 0
