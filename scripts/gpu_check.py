@@ -58,12 +58,13 @@ TINY_MODEL = os.path.join(ROOT, "assets", "tiny")  # the bundled tiny base model
 BOOKS = os.path.join(ROOT, "assets", "books", "train")
 GB = 1e9  # decimal gigabytes, as the README's memory table
 
-# bf16 keeps 8 significant bits: unit roundoff u = 2^-8 = 3.9e-3. Every matrix product, norm and residual add rounds
-# its output once, so a few-layer model's logits carry a relative error of a few u: on the CPU in bf16 our 4-layer
-# check model (init std 0.05) measures 1.2-1.4e-2, and cuBLAS / flash kernels (bf16 inputs, fp32 accumulation) have
-# the same error model. 3e-2 (about 8 u) leaves a factor 2 for kernel differences, and stays 20x below what a real
-# mistake gives on the same model: a wrong rope type or factor measures 0.57 to 0.92.
-LOGITS_TOL = 3e-2
+# bf16 keeps 8 significant bits (unit roundoff u = 2^-8 = 3.9e-3) and every matrix product, norm and residual add
+# rounds its output once; the errors grow through the layers, more so where attention is sharp. On the CPU in bf16 the
+# check model below (4 layers, dim 512, head_dim 128, init std 0.05) measures 1.7-2.2e-2 against fp32 for the five
+# rope types, and cuBLAS / flash kernels (bf16 inputs, fp32 accumulation) follow the same error model. 5e-2 leaves a
+# factor 2 for kernel differences and stays 20x below what a real mistake gives on the same model: the logits of a
+# wrong rope type or factor are 1.0-1.3 away (relative).
+LOGITS_TOL = 5e-2
 INIT_STD = 0.05  # weights this large make attention peaked, so that position (rope) mistakes show in the logits
 # Training losses, bf16 GPU vs fp32 CPU: the forward error above averages over the 4096 tokens of a step, and the
 # weights drift apart by bf16-rounded gradients step after step; tests/test_train.py holds the CPU bf16 run to 2e-2.
