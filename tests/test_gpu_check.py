@@ -68,6 +68,32 @@ def test_logits_check_fails_on_a_rope_mistake(one_thread):
         assert r["rel_err"] > 3 * check.LOGITS_TOL, (wrong, r)
 
 
+@pytest.mark.parametrize("mistake", ["not causal", "GQA heads tiled instead of grouped"])
+def test_logits_check_fails_on_an_attention_mistake(mistake, one_thread):
+    """Attention computed wrongly in the reference (as a broken kernel path would): far outside the tolerance."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def wrong(q, k, v, is_causal=False, enable_gqa=False, **kw):
+        if mistake == "not causal":
+            return sdpa(q, k, v, is_causal=False, enable_gqa=enable_gqa, **kw)
+        groups = q.shape[1] // k.shape[1]  # query head h should use key/value head h // groups, not h % n_kv
+        return sdpa(q, k.repeat(1, groups, 1, 1), v.repeat(1, groups, 1, 1), is_causal=is_causal, **kw)
+
+    def reference(cfg):
+        model = check.random_model(cfg)
+
+        def forward(tokens, positions):
+            torch.nn.functional.scaled_dot_product_attention = wrong
+            try:
+                return model(tokens, positions)
+            finally:
+                torch.nn.functional.scaled_dot_product_attention = sdpa
+        return forward
+
+    r = check.logits_check("cpu", torch.float32, cfg=tiny_cfg(), seq_len=64, target=512, reference=reference)
+    assert r["rel_err"] > 3 * check.LOGITS_TOL, r
+
+
 # 2. train.py logs: losses, weights, kill and resume
 
 def entries(losses, lr=1e-3):
