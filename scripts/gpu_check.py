@@ -66,6 +66,7 @@ GB = 1e9  # decimal gigabytes, as the README's memory table
 # wrong rope type or factor are 1.0-1.3 away (relative); on the tests' smaller model, attention without the causal
 # mask or with query heads mapped to the wrong key/value heads are 1.1-1.2 away.
 LOGITS_TOL = 5e-2
+FP32_TOL = 1e-4  # fp32 rounds at 6e-8; summation order differs between kernels, TF32 (1e-3) would not pass
 INIT_STD = 0.05  # weights this large make attention peaked, so that position (rope) mistakes show in the logits
 # Training losses, bf16 GPU vs fp32 CPU: the forward error above averages over the 4096 tokens of a step, and the
 # weights drift apart by bf16-rounded gradients step after step; tests/test_train.py holds the CPU bf16 run to 2e-2.
@@ -176,6 +177,23 @@ def logits_check(device, dtype=torch.bfloat16, scaling=None, attn_impl="sdpa", c
                 argmax=(got.argmax(-1) == ref.argmax(-1)).float().mean().item())
 
 
+def fused_attention_check(device, dtype, backends=None, seq_len=1024, n_heads=4, n_kv_heads=2, head_dim=128):
+    """Whether causal GQA attention (model.py's SDPA call) runs on a fused kernel (flash, memory-efficient or cuDNN)
+    on `device` in `dtype`, i.e. without falling back to the math kernel, whose T x T scores make long contexts run
+    out of memory. Returns {"ok", "error"}."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = backends or [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    q = torch.randn(1, n_heads, seq_len, head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(1, n_kv_heads, seq_len, head_dim, device=device, dtype=dtype) for _ in range(2))
+    try:
+        with sdpa_kernel(backends):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_heads != n_heads)
+    except RuntimeError as e:
+        return dict(ok=False, error=" ".join(str(e).split())[:300])
+    return dict(ok=True, error="")
+
+
 def flash_attn_available():
     try:
         import flash_attn  # noqa: F401
@@ -184,16 +202,31 @@ def flash_attn_available():
     return True
 
 
-def section_logits(device):
+def section_logits(device, config=logits_config, seq_len=1024, target=8192):
+    """Rows of section 1; config(scaling) -> ModelConfig and the sizes are for tests (tiny, on the CPU)."""
+    sizes = dict(seq_len=seq_len, target=target)
     rows = []
     impls = ["sdpa"] + (["flash"] if flash_attn_available() else [])
     if "flash" not in impls:
         rows.append(row("1 logits", "flash-attn", "not installed", status="skip"))
+    # fp32 on the GPU: the same arithmetic as the CPU up to summation order (TF32, if something enabled it, fails)
+    r = logits_check(device, torch.float32, cfg=config(ROPE_CASES["yarn"]), **sizes)
+    rows.append(row("1 logits", "fp32 sdpa, rope yarn, GQA 4q/2kv", f"rel err {r['rel_err']:.2e}", f"<= {FP32_TOL:g}",
+                    "pass" if r["rel_err"] <= FP32_TOL else "FAIL", **r))
+    # without a fused kernel, SDPA computes T x T scores: training and evaluation at long context run out of memory
+    for dtype, needed in ((torch.bfloat16, True), (torch.float32, False)):
+        f = fused_attention_check(device, dtype)
+        name = str(dtype).removeprefix("torch.")
+        rows.append(row("1 logits", f"fused SDPA kernel for causal GQA in {name} (no T x T math fallback)",
+                        "yes" if f["ok"] else f"no: {f['error']}",
+                        "needed: training and evaluation run in bf16" if needed else
+                        "fp32 long-context evaluation of GQA models needs it",
+                        ("pass" if f["ok"] else "FAIL") if needed else "info", **f))
     for name, scaling in ROPE_CASES.items():
         # the same model in bf16 on the CPU: the size of a bf16 error on this model, for context
-        cpu_bf16 = logits_check("cpu", torch.bfloat16, scaling)
+        cpu_bf16 = logits_check("cpu", torch.bfloat16, cfg=config(scaling), **sizes)
         for impl in impls:
-            r = logits_check(device, torch.bfloat16, scaling, attn_impl=impl)
+            r = logits_check(device, torch.bfloat16, cfg=config(scaling), attn_impl=impl, **sizes)
             ok = r["rel_err"] <= LOGITS_TOL
             log(f"logits rope={name} attn={impl}: rel err {r['rel_err']:.2e} (CPU bf16 {cpu_bf16['rel_err']:.2e})")
             rows.append(row("1 logits", f"bf16 {impl}, rope {name}, GQA 4q/2kv, positions to 8x window",

@@ -94,6 +94,23 @@ def test_logits_check_fails_on_an_attention_mistake(mistake, one_thread):
     assert r["rel_err"] > 3 * check.LOGITS_TOL, r
 
 
+def test_section_logits_rows(one_thread):
+    rows = check.section_logits("cpu", config=tiny_cfg, seq_len=64, target=512)
+    statuses = {r["check"]: r["status"] for r in rows}
+    assert statuses.pop("fp32 sdpa, rope yarn, GQA 4q/2kv") == "pass"
+    assert statuses.pop("fused SDPA kernel for causal GQA in bfloat16 (no T x T math fallback)") == "pass"
+    bf16 = [c for c in statuses if c.startswith("bf16 sdpa")]
+    assert len(bf16) == len(check.ROPE_CASES) and all(statuses[c] == "pass" for c in bf16)
+
+
+def test_fused_attention_check():
+    from torch.nn.attention import SDPBackend
+    assert check.fused_attention_check("cpu", torch.float32, seq_len=64, head_dim=32)["ok"]  # the CPU flash kernel
+    # a backend that cannot run here: reported, not raised
+    r = check.fused_attention_check("cpu", torch.float32, [SDPBackend.EFFICIENT_ATTENTION], seq_len=64, head_dim=32)
+    assert not r["ok"] and r["error"]
+
+
 # 2. train.py logs: losses, weights, kill and resume
 
 def entries(losses, lr=1e-3):
@@ -374,6 +391,13 @@ def test_passkey_check_fails_on_a_broken_cache(passkey_setup, one_thread, monkey
     monkeypatch.setattr(KVCache, "update", forgetful)
     r = check.passkey_check("cpu", model, tokenizer, [160], trials=2, max_new_tokens=4)[0]
     assert not r["ok"] and r["max_rel_err"] > check.LOGITS_TOL
+
+
+def test_section_passkey_bf16_rows(one_thread):
+    """The section as the GPU runs it (bf16, the bundled tokenizer, the random GQA model), at short lengths."""
+    rows = check.section_passkey("cpu", lengths=(160, 320), trials=1)
+    assert [r["status"] for r in rows] == ["pass", "pass"], rows
+    assert all(r["data"]["cache_used"] and 0 < r["data"]["max_rel_err"] < check.LOGITS_TOL for r in rows)
 
 
 def test_compare_decodes_near_ties():
