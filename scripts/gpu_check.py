@@ -907,6 +907,7 @@ def compare_decodes(cached, full, tol=LOGITS_TOL):
 
 def passkey_check(device, model, tokenizer, lengths, trials=3, seed=0, tol=LOGITS_TOL, max_new_tokens=8):
     """Passkey decoding with the KV cache vs without, per length. Prompts as passkey.run_passkey draws them."""
+    model = model.to(device)
     model_calls = []
     hidden_states = model.hidden_states
 
@@ -931,8 +932,8 @@ def passkey_check(device, model, tokenizer, lengths, trials=3, seed=0, tol=LOGIT
                 cache_ok = len(model_calls) == len(cached) and all(n == 1 and c for n, c in model_calls[1:])
                 answer_f, full = decode_recorded(model, prompt.ids, tokenizer, False, max_new_tokens)
                 same, near_tie, err = compare_decodes(cached, full, tol)
-                r["same"] += same and answer_c == answer_f
-                r["near_ties"] += (not same) and near_tie
+                r["same"] += int(same and answer_c == answer_f)
+                r["near_ties"] += int(not same and near_tie)
                 r["max_rel_err"] = max(r["max_rel_err"], err)
                 r["cache_used"] = r.get("cache_used", True) and cache_ok
                 r["answers"].append(dict(key=key, prompt_tokens=len(prompt.ids), cached=answer_c, full=answer_f))
@@ -963,6 +964,7 @@ def section_passkey(device, lengths=(16384, 32768), trials=3):
 def markdown(rows, header):
     lines = [header, "", "| section | check | measured | reference / limit | status |",
              "| --- | --- | --- | --- | --- |"]
+
     def cell(text):  # an error message may hold newlines or pipes
         return " ".join(str(text).split()).replace("|", "\\|")
 
@@ -1012,7 +1014,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     device = torch.device("cuda")
     t_start = time.time()
-    rows, raw = [], {}
+    rows, raw, seconds = [], {}, {}
     steps = {
         "logits": lambda: section_logits(device),
         "train": lambda: train_check(device, os.path.join(out, "train")),
@@ -1033,10 +1035,12 @@ def main(argv=None):
         except Exception as e:  # a section that cannot finish is a failed check; the others still run
             rows.append(row(SECTIONS[name], "section ran", f"{type(e).__name__}: {str(e).strip()[-600:]}",
                             status="FAIL"))
-        log(f"section {name}: {time.time() - t0:.0f} s")
+        seconds[name] = round(time.time() - t0, 1)
+        log(f"section {name}: {seconds[name]:.0f} s")
         torch.cuda.empty_cache()
     meta = dict(device=torch.cuda.get_device_name(device), torch=torch.__version__, cuda=torch.version.cuda,
-                flash_attn=flash_attn_available(), seconds=time.time() - t_start, layers=args.layers, raw=raw)
+                flash_attn=flash_attn_available(), seconds=time.time() - t_start, section_seconds=seconds,
+                layers=args.layers, raw=raw)
     print(write_results(out, rows, meta))
     failed = [r for r in rows if r["status"] == "FAIL"]
     print(f"{len(failed)} failed check(s); results in {out}/results.md" if failed else
