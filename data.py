@@ -5,13 +5,15 @@ $ python scripts/make_tokenizer.py --out out/tokenizer          # the tokenizer 
 $ python data.py --input assets/books/train --tokenizer out/tokenizer/tokenizer.model --out data/books_train
 $ python data.py --input assets/books/eval --tokenizer out/tokenizer/tokenizer.model --out data/books_eval
 $ python data.py --input pile_val.jsonl.gz --tokenizer llama-7b/tokenizer.model --out data/pile --min-tokens 2048
+$ python data.py --input pile_val.jsonl.gz --tokenizer llama-3.1-8b --out data/pile-llama3   # its tokenizer.json
 
 Input: .jsonl (one document per line, in its "text" field), .txt (one document per file), the same
 gzipped (.jsonl.gz, .txt.gz), or a directory of them (recursive, in sorted order). Empty documents are
-skipped. Each document is encoded as in LLaMA pretraining: BOS first, no EOS. Output:
+skipped. Each document is encoded as in LLaMA pretraining: BOS first, no EOS (a tokenizer without a BOS, as Qwen2's,
+starts it with its EOS instead: Tokenizer.start_id). Output:
     OUT.bin      the tokens of all documents back to back (uint16 when the vocabulary fits, else uint32)
     OUT.idx.npy  int64 offsets, n_docs + 1 of them: document i is OUT.bin[idx[i]:idx[i + 1]]
-    OUT.json     dtype, counts, the tokenizer's path and sha256, min_tokens, sources
+    OUT.json     dtype, counts, the tokenizer file's path and sha256, its start token, min_tokens, sources
 They are written under temporary names and renamed into place, OUT.json last: a dataset without its
 OUT.json is incomplete and never loads.
 
@@ -96,37 +98,147 @@ def batches(texts, max_chars):
 
 
 class Tokenizer:
-    """The sentencepiece model of a LLaMA checkpoint (`tokenizer.model`, or a directory holding one)."""
+    """The tokenizer of a checkpoint: sentencepiece `tokenizer.model` or Hugging Face `tokenizer.json`.
+
+    Tokenizer(path): a tokenizer.model or tokenizer.json file, or a checkpoint directory. A directory that ships both
+    is read through tokenizer.model: that is the original of which LLaMA 1/2's and Mistral's tokenizer.json are
+    conversions (so are our exports', hf.write_tokenizer), the same ids, and data prepared from a directory before
+    its export stays valid for the export (load_corpus keys its cache on the file). LLaMA 3, Qwen2 and SmolLM2 ship
+    only tokenizer.json, read with the `tokenizers` library, the format's own implementation.
+
+    BOS is what the checkpoint puts before a text, read as transformers (5) reads it:
+      - tokenizer.json: what its post-processor puts there (LLaMA 3: <|begin_of_text|>; Qwen2: nothing);
+        transformers ignores tokenizer_config.json's add_bos_token when there is a tokenizer.json, and so do we;
+      - tokenizer.model: the model's <s>, unless tokenizer_config.json says `add_bos_token: false`.
+    The EOS is tokenizer_config.json's (or special_tokens_map.json's) `eos_token`, or the sentencepiece model's </s>.
+    `bos_id` is None when the checkpoint adds no BOS. `start_id` is the token every document, perplexity window and
+    passkey prompt starts with (data.prepare, evaluate.py, passkey.py): the BOS, or else the EOS, which such models
+    read between documents in pretraining (lm-evaluation-harness starts its rolling windows with it too).
+    `encode(text, bos=True)` puts `start_id` first; transformers' `tokenizer(text)` equals `encode(text, bos=True)`
+    when there is a BOS and `encode(text, bos=False)` when there is none.
+
+    Special-token strings inside a text ("<s>", "<|endoftext|>") are plain text for sentencepiece (it never parses
+    them), and for tokenizer.json what the checkpoint's `split_special_tokens` says (default false: parsed into the
+    special token, as transformers and `tokenizers` do).
+    """
 
     def __init__(self, path):
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.model")
-        if not os.path.isfile(path):
-            raise DataError(f"tokenizer not found: {path}")
+        self.path = tokenizer_file(os.fspath(path))
+        folder = os.path.dirname(self.path)
+        config = {**_read_json(os.path.join(folder, "special_tokens_map.json")),
+                  **_read_json(os.path.join(folder, "tokenizer_config.json"))}
+        if self.path.endswith(".json"):
+            self._open_tokenizers(config)
+            self.bos_id = self._post_processor_bos()
+        else:
+            self._open_sentencepiece()
+            add_bos = config.get("add_bos_token") is not False and self.sp.bos_id() >= 0
+            self.bos_id = self.sp.bos_id() if add_bos else None
+        self.start_id = self.bos_id if self.bos_id is not None else self.eos_id
+        if self.start_id is None:
+            raise DataError(f"{self.path}: the tokenizer has neither a BOS nor an EOS token, and documents, perplexity "
+                            "windows and passkey prompts start with one of them")
+
+    def _open_sentencepiece(self):
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=path)
+            self.sp = spm.SentencePieceProcessor(model_file=self.path)
         except (OSError, RuntimeError) as e:
-            raise DataError(f"cannot load tokenizer {path}: {str(e).strip().splitlines()[0]}") from None
-        self.path = path
+            raise DataError(f"cannot load tokenizer {self.path}: {str(e).strip().splitlines()[0]}") from None
+        self.tk = None
         self.vocab_size = self.sp.vocab_size()
-        self.bos_id = self.sp.bos_id()
-        self.eos_id = self.sp.eos_id()
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+
+    def _open_tokenizers(self, config):
+        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            self.tk = HFTokenizer.from_file(self.path)
+        except Exception as e:  # the Rust side raises its own Exception type for malformed files
+            raise DataError(f"cannot load tokenizer {self.path}: {str(e).strip().splitlines()[0]}") from None
+        self.sp = None
+        self.tk.no_truncation()  # some files ship a truncation or padding setting; documents are never cut here
+        self.tk.no_padding()
+        self.tk.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        token = config.get("eos_token")  # a string, or an AddedToken as a dict
+        token = token.get("content") if isinstance(token, dict) else token
+        self.eos_id = self.tk.token_to_id(token) if isinstance(token, str) else None
+
+    def _post_processor_bos(self):
+        """The one token the tokenizer.json post-processor puts before a text, or None (Qwen2: none)."""
+        plain = self.tk.encode("a", add_special_tokens=False).ids
+        full = self.tk.encode("a", add_special_tokens=True).ids
+        before = next((full[:i] for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), [])
+        if len(before) > 1:
+            raise DataError(f"{self.path}: the post-processor puts {len(before)} tokens before a text; one BOS "
+                            "at most is supported")
+        return before[0] if before else None
 
     def encode(self, text, bos=True, eos=False):
-        ids = self.sp.encode(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        """Token ids of `text`; bos: `start_id` first (the BOS, or the EOS where there is none); eos: EOS last."""
+        ids = self.sp.encode(text) if self.sp is not None else self.tk.encode(text, add_special_tokens=False).ids
+        return self._wrap(ids, bos, eos)
 
     def encode_batch(self, texts, bos=True, eos=False, threads=-1):
-        out = self.sp.encode(texts, num_threads=threads)
-        return [([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else []) for ids in out]
+        """encode() of many texts at once. threads: sentencepiece's (-1: all cores); `tokenizers` uses its own pool
+        (RAYON_NUM_THREADS)."""
+        if self.sp is not None:
+            out = self.sp.encode(texts, num_threads=threads)
+        else:
+            out = [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+        return [self._wrap(ids, bos, eos) for ids in out]
+
+    def _wrap(self, ids, bos, eos):
+        if eos and self.eos_id is None:
+            raise DataError(f"{self.path}: the tokenizer has no EOS token")
+        return ([self.start_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids):
-        return self.sp.decode([int(i) for i in ids])
+        """The text of `ids`, special tokens (BOS, EOS) left out, as sentencepiece does."""
+        ids = [int(i) for i in ids]
+        return self.sp.decode(ids) if self.sp is not None else self.tk.decode(ids, skip_special_tokens=True)
+
+
+def tokenizer_file(path):
+    """The tokenizer file of `path`: the file itself, or a checkpoint directory's tokenizer.model, else its
+    tokenizer.json (see Tokenizer). A tokenizer.model that is not sentencepiece (LLaMA 3's original/ folder holds a
+    tiktoken one) is passed over when a tokenizer.json is there."""
+    if os.path.isdir(path):
+        model, hf_json = os.path.join(path, "tokenizer.model"), os.path.join(path, "tokenizer.json")
+        if os.path.isfile(model) and not (os.path.isfile(hf_json) and not _is_sentencepiece(model)):
+            return model
+        if os.path.isfile(hf_json):
+            return hf_json
+        raise DataError(f"no tokenizer in {path}: expected tokenizer.model (sentencepiece) or tokenizer.json "
+                        "(Hugging Face)")
+    if not os.path.isfile(path):
+        raise DataError(f"tokenizer not found: {path}")
+    return path
+
+
+def _is_sentencepiece(path):
+    try:
+        spm.SentencePieceProcessor(model_file=path)
+        return True
+    except (OSError, RuntimeError):
+        return False
+
+
+def _read_json(path):
+    """A JSON object from `path`, or {} when the file does not exist."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return obj
 
 
 def load_tokenizer(tokenizer):
-    """A Tokenizer from a path (tokenizer.model or its directory); a tokenizer object passes through."""
+    """A Tokenizer from a path (a tokenizer file or its directory); a tokenizer object passes through."""
     return Tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
 
 
@@ -175,7 +287,7 @@ def prepare(input_path, tokenizer, out, min_tokens=0, verbose=True):
             np.save(f, np.frombuffer(offsets, dtype=np.int64))
         n_docs, n_tokens = len(offsets) - 1, offsets[-1]
         meta = dict(dtype=dtype.name, n_docs=n_docs, n_tokens=n_tokens, vocab_size=tok.vocab_size, bos_id=tok.bos_id,
-                    tokenizer=os.path.abspath(tok.path), tokenizer_sha256=file_sha256(tok.path),
+                    start_id=tok.start_id, tokenizer=os.path.abspath(tok.path), tokenizer_sha256=file_sha256(tok.path),
                     min_tokens=min_tokens, n_dropped=n_read - n_docs, sources=[os.path.abspath(p) for p in files])
         with open(tmp[".json"], "w") as f:
             json.dump(meta, f, indent=1)
@@ -194,9 +306,15 @@ def prepare(input_path, tokenizer, out, min_tokens=0, verbose=True):
                 os.rmdir(d)
         raise
     if verbose:
-        dropped = f" ({n_read - n_docs:,} shorter than {min_tokens} tokens dropped)" if min_tokens > 0 else ""
-        print(f"{out}: kept {n_docs:,} of {n_read:,} documents{dropped}, {n_tokens:,} tokens as {dtype.name}")
+        print(describe_prepared(out, meta))
     return meta
+
+
+def describe_prepared(out, meta):
+    """One line on what prepare() kept: data.py's result on stdout, a cache message on stderr (load_corpus)."""
+    min_tokens, n_docs, n_read = meta["min_tokens"], meta["n_docs"], meta["n_docs"] + meta["n_dropped"]
+    dropped = f" ({meta['n_dropped']:,} shorter than {min_tokens} tokens dropped)" if min_tokens > 0 else ""
+    return f"{out}: kept {n_docs:,} of {n_read:,} documents{dropped}, {meta['n_tokens']:,} tokens as {meta['dtype']}"
 
 
 # -----------------------------------------------------------------------------
@@ -279,7 +397,8 @@ def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None):
 
     `path`: a prepared dataset (OUT, OUT.json or OUT.bin), or raw input as for the CLI, which is then
     prepared into `cache_dir` (default $POSE_CACHE or ~/.cache/pose) under a key made of the input files'
-    paths, sizes and mtimes, the tokenizer's sha256 and min_tokens, so that the next call loads at once.
+    paths, sizes and mtimes, the tokenizer file's sha256, the token documents start with (Tokenizer.start_id:
+    tokenizer_config.json can change it) and min_tokens, so that the next call loads at once.
     `tokenizer` (a path or a Tokenizer) is required for raw input; for a prepared dataset it is
     checked against the tokenizer the dataset was made with."""
     path = os.fspath(path)
@@ -291,16 +410,23 @@ def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None):
             if file_sha256(tok.path) != corpus.meta.get("tokenizer_sha256"):
                 raise DataError(f"{prefix} was tokenized with {corpus.meta.get('tokenizer')}, not with "
                                 f"{tok.path}: its token ids would not match this vocabulary; prepare it again")
+            start = corpus.meta.get("start_id", corpus.meta.get("bos_id"))
+            if start != tok.start_id:
+                raise DataError(f"{prefix}: its documents start with token {start}, while {tok.path} starts them "
+                                f"with {tok.start_id} (tokenizer_config.json's add_bos_token?); prepare it again")
     elif prefix == path and os.path.exists(path):  # raw input
         if tokenizer is None:
             raise DataError(f"{path} is raw text: a tokenizer is needed to prepare it")
         files, tok = input_files(path), load_tokenizer(tokenizer)
         stats = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
-        key = hashlib.sha256(json.dumps([stats, file_sha256(tok.path), min_tokens]).encode()).hexdigest()[:16]
+        key = json.dumps([stats, file_sha256(tok.path), tok.start_id, min_tokens])
+        key = hashlib.sha256(key.encode()).hexdigest()[:16]
         cache_dir = cache_dir or os.environ.get("POSE_CACHE") or os.path.expanduser("~/.cache/pose")
         cached = os.path.join(cache_dir, f"{os.path.basename(os.path.abspath(path)).split('.')[0]}-{key}")
         if not os.path.isfile(cached + ".json"):
-            prepare(path, tok, cached, min_tokens)
+            meta = prepare(path, tok, cached, min_tokens, verbose=False)
+            if sys.stderr.isatty():  # a progress message, shown where tqdm's bar is: piped stderr keeps warnings only
+                print(f"prepared {path} once, into the cache: {describe_prepared(cached, meta)}", file=sys.stderr)
         corpus = open_prepared(cached)
     else:
         raise DataError(f"not found: {path} is neither input nor a prepared dataset ({prefix}.json is missing; "
@@ -311,9 +437,11 @@ def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenize jsonl/txt documents into OUT.bin + OUT.idx.npy + OUT.json.")
     p.add_argument("--input", required=True, help=".jsonl, .txt, .jsonl.gz, .txt.gz, or a directory of them")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.model, or the directory of a checkpoint")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer.model, tokenizer.json, or the directory of a checkpoint (see Tokenizer)")
     p.add_argument("--out", required=True, help="output prefix: writes OUT.bin, OUT.idx.npy, OUT.json")
-    p.add_argument("--min-tokens", type=int, default=0, help="drop documents shorter than this (BOS included)")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="drop documents shorter than this (the start token, BOS, included)")
     args = p.parse_args(argv)
     try:
         prepare(args.input, args.tokenizer, args.out, args.min_tokens)

@@ -20,7 +20,12 @@ window scored, each with all the context the window has before it. Then
 
     perplexity = exp( sum over documents and scored tokens of -log p(x_t | window) / number of scored tokens ),
 
-token-weighted over all documents (not a mean of per-document perplexities). Cases:
+token-weighted over all documents (not a mean of per-document perplexities). A tokenizer with no BOS (Qwen2: its
+tokenizer_config.json adds none) stores and starts every window with its EOS in the BOS's place (data.Tokenizer's
+start_id): such models read the EOS between documents in pretraining, so a window reads as the start of a document,
+and x_0 is scored as with a BOS (lm-evaluation-harness's rolling log-likelihood does the same). The other choice,
+no start token, would leave x_0 unscored and change which tokens a window scores; this one keeps the protocol
+identical for every tokenizer. Cases:
   - stride < ctx - 1 (the paper: ctx >= 2048, stride 1024): windows overlap, every x_t is scored exactly once, the
     first ctx - 1 of them by the first window (x_0 from the BOS alone), later ones with >= ctx - 1 - stride tokens
     of context. This equals the official PoSE code (src/eval_ppl.py) and Hugging Face's recipe.
@@ -34,7 +39,11 @@ Data: the first --docs documents of --data (a prepared dataset or raw .jsonl/.tx
 each model's tokenizer by data.load_corpus) that have at least --min-tokens tokens, BOS included (default: the
 largest ctx, as the paper's "documents of more than 32,768 tokens"), each truncated to its first --max-tokens tokens
 (default: the largest ctx, as the official code's max_input_tokens; 0 keeps whole documents). So by default every
-context size scores the same tokens, and the largest ctx reads each document in one window.
+context size scores the same tokens, and the largest ctx reads each document in one window. --docs defaults to up
+to 50 (the paper's count) without a word when there are fewer (the six bundled plays); given, a shortfall warns.
+
+Output: stdout holds the results only, a header line and the table; progress, cache messages and warnings go to
+stderr.
 
 --rope SPEC replaces the checkpoint's rotary scaling (rope.scaling_from_spec: none, linear:8, ntk:8, yarn:8,
 yarn-revised:8, dynamic:8, llama3:8), several specs give several rows. The original window that YaRN, dynamic and
@@ -62,6 +71,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
 DEFAULT_DATA = os.path.join(HERE, "assets", "books", "eval")  # held-out public-domain plays
 CHECKPOINT = "checkpoint"  # the --rope value that keeps the checkpoint's own scaling
+DEFAULT_DOCS = 50  # the paper's 50 documents of GovReport / Proof-pile (section 4.2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,14 +150,15 @@ def format_table(rows, ctxs):
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="Sliding-window perplexity at several context sizes (PoSE section 4.2).")
     p.add_argument("--model", action="append", metavar="DIR",
-                   help=f"Hugging Face LLaMA directory (with tokenizer.model); repeat for several rows (default: the "
+                   help=f"Hugging Face model directory (with its tokenizer); repeat for several rows (default: the "
                         f"bundled tiny base, {os.path.relpath(DEFAULT_MODEL)})")
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="prepared dataset (data.py --out) or raw .jsonl/.txt/.gz/directory (default: the bundled "
                         "held-out plays)")
     p.add_argument("--ctx", type=int, nargs="+", required=True, help="context sizes (window = BOS + ctx-1 tokens)")
     p.add_argument("--stride", type=int, default=1024, help="window advance in tokens (default 1024, as the paper)")
-    p.add_argument("--docs", type=int, default=50, help="number of documents (default 50, as the paper)")
+    p.add_argument("--docs", type=int, default=None,
+                   help="number of documents (default: up to 50, as the paper; fewer only warns when given)")
     p.add_argument("--min-tokens", type=int, default=None,
                    help="use documents of at least this many tokens, BOS included (default: the largest ctx)")
     p.add_argument("--max-tokens", type=int, default=None,
@@ -167,7 +178,7 @@ def parse_args(argv=None):
             p.error(f"--ctx must be >= 2 (a BOS and at least one document token), got {c}")
     if args.stride < 1:
         p.error(f"--stride must be >= 1, got {args.stride}")
-    if args.docs < 1:
+    if args.docs is not None and args.docs < 1:
         p.error(f"--docs must be >= 1, got {args.docs}")
     args.min_tokens = max(args.ctx) if args.min_tokens is None else args.min_tokens
     args.max_tokens = max(args.ctx) if args.max_tokens is None else args.max_tokens
@@ -188,13 +199,15 @@ def parse_args(argv=None):
 
 
 def load_docs(path, tokenizer, n_docs, min_tokens, max_tokens):
-    """The first n_docs documents of >= min_tokens tokens, truncated to max_tokens (0: whole)."""
+    """The first n_docs documents of >= min_tokens tokens, truncated to max_tokens (0: whole); n_docs None: up to
+    DEFAULT_DOCS, and fewer is no surprise (the six bundled plays), so no warning."""
     try:
         corpus = data.load_corpus(path, tokenizer=tokenizer).filter(min_tokens)  # one cache for every min_tokens
     except data.DataError as e:
         raise data.DataError(f"{path}: {e}") from None
-    if len(corpus) < n_docs:
+    if n_docs is not None and len(corpus) < n_docs:
         cli.warn(f"only {len(corpus)} document(s) of {path} have >= {min_tokens} tokens; evaluating those")
+    n_docs = DEFAULT_DOCS if n_docs is None else n_docs
     return [corpus[i][:max_tokens or None] for i in range(min(n_docs, len(corpus)))]
 
 
@@ -236,8 +249,8 @@ def main(argv=None):
     print(format_table(rows, args.ctx))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(data=args.data, stride=args.stride, docs_requested=args.docs, min_tokens=args.min_tokens,
-                           max_tokens=args.max_tokens, ctx=args.ctx, rows=rows), f, indent=2)
+            json.dump(dict(data=args.data, stride=args.stride, docs_requested=args.docs or DEFAULT_DOCS,
+                           min_tokens=args.min_tokens, max_tokens=args.max_tokens, ctx=args.ctx, rows=rows), f, indent=2)
 
 
 if __name__ == "__main__":

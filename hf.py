@@ -10,18 +10,28 @@ Our module names are the checkpoint's less the "model." prefix, so reading is a 
   - transformers 5 writes rope settings as `rope_parameters` (theta + scaling in one dict), older versions as
     `rope_theta` + `rope_scaling`: both read; we write the older form, which every version reads.
   - fixed NTK (PoSE section 3.1) has no transformers type: written as the plain RoPE with a larger base it equals.
+  - dynamic NTK is written over max_position_embeddings = the original window, the one transformers scales from.
+  - Mistral is LLaMA with an optional sliding window; Qwen2 adds biases to the q, k, v projections (not o).
+  - a sentencepiece tokenizer.model is exported with a tokenizer.json converted from it (write_tokenizer), so that
+    transformers reads it with the `tokenizers` library alone, to the same ids.
 This file imports nothing of model.py: it maps files to plain dicts and tensors, model.py builds the network.
 """
 import json
 import os
 import shutil
+import struct
 
 import torch
 import torch.nn.functional as F
 
+import cli
+import data
 from rope import normalize_rope_scaling, rope_type
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "BaichuanForCausalLM")
+# what loads: architecture -> model_type. Mistral and Qwen2 differ from LLaMA only where config_from_hf says.
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "BaichuanForCausalLM": "baichuan"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 
@@ -61,8 +71,8 @@ def config_from_hf(cfg, where="config.json"):
     """Model fields from a config.json dict: legacy (rope_theta + rope_scaling) or transformers 5 (rope_parameters)."""
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{where}: expected a JSON object, got {type(cfg).__name__}")
-    arch = (cfg.get("architectures") or [None])[0] or {"llama": "LlamaForCausalLM", "baichuan":
-                                                       "BaichuanForCausalLM"}.get(cfg.get("model_type"))
+    arch = (cfg.get("architectures") or [None])[0] or {t: a for a, t in ARCHITECTURES.items()}.get(
+        cfg.get("model_type"))
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"{where}: architecture {arch or cfg.get('model_type')!r} is not supported; "
                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -79,6 +89,18 @@ def config_from_hf(cfg, where="config.json"):
             raise CheckpointError(f"{where}: {HF_NAMES[name]} must be a non-negative integer, got {value!r}")
     if "hidden_act" in cfg and cfg["hidden_act"] != "silu":
         raise CheckpointError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (LLaMA uses silu)")
+    if arch == "MistralForCausalLM":  # v0.1: every layer attends to the last 4096 tokens only; v0.2 on: null
+        window = cfg.get("sliding_window")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise CheckpointError(f"{where}: sliding_window must be a positive integer or null, got {window!r}")
+        fields["sliding_window"] = window
+    if arch == "Qwen2ForCausalLM":
+        # Qwen2 / Qwen2.5 keep sliding_window in config.json but switch it off (use_sliding_window false); when on, it
+        # applies to the layers from max_window_layers on, a per-layer form we do not implement
+        if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or []):
+            raise CheckpointError(f"{where}: Qwen2 sliding-window attention (use_sliding_window true) is not "
+                                  "supported")
+        fields["qkv_bias"] = True
     rope = dict(cfg.get("rope_parameters") or {})  # transformers 5: theta and scaling in one dict
     theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0
     if isinstance(cfg.get("pose_rope"), dict):  # our fixed-NTK export (config_to_hf): read back as what it was
@@ -90,9 +112,26 @@ def config_from_hf(cfg, where="config.json"):
     except (TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{where}: bad rope settings ({e})") from None
     known = set(HF_NAMES.values()) | {"rope_theta", "rope_scaling", "rope_parameters", "architectures",
-                                      "model_type", "transformers_version", "pose_rope"}
+                                      "model_type", "transformers_version", "pose_rope", "pose_note"}
+    if arch == "MistralForCausalLM":
+        known.add("sliding_window")
     fields["extra"] = {k: v for k, v in cfg.items() if k not in known} | {"architecture": arch}
     return fields
+
+
+def export_architecture(fields):
+    """The architecture an export is written as: the one read (Baichuan: LLaMA, as its weights are read), else the
+    one the fields need (Qwen2 for q/k/v biases, Mistral for a sliding window)."""
+    arch = fields["extra"].get("architecture") or ("Qwen2ForCausalLM" if fields.get("qkv_bias") else
+                                                   "MistralForCausalLM" if fields.get("sliding_window") else
+                                                   "LlamaForCausalLM")
+    arch = "LlamaForCausalLM" if arch == "BaichuanForCausalLM" else arch  # W_pack split, NormHead applied on read
+    wrong = [name for name, allowed in (("qkv_bias", "Qwen2ForCausalLM"), ("sliding_window", "MistralForCausalLM"),
+                                        ("attention_bias", "LlamaForCausalLM"), ("mlp_bias", "LlamaForCausalLM"))
+             if fields.get(name) and arch != allowed]
+    if wrong:
+        raise CheckpointError(f"{', '.join(wrong)} cannot be written as {arch}")
+    return arch
 
 
 def stored_dtype(fields):
@@ -103,10 +142,16 @@ def stored_dtype(fields):
 
 
 def config_to_hf(fields, dtype=None):
-    """A config.json dict that transformers' LlamaForCausalLM loads, from model fields; rope in the legacy form."""
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu"}
+    """A config.json dict that transformers loads as the model's architecture (LLaMA, Mistral or Qwen2; Baichuan is
+    written as the LLaMA it was read as), from model fields; rope in the legacy form."""
+    arch = export_architecture(fields)
+    cfg = {"architectures": [arch], "model_type": ARCHITECTURES[arch], "hidden_act": "silu"}
     cfg.update({k: v for k, v in fields["extra"].items() if k not in ("architecture", "auto_map", "dtype")})
     cfg.update({theirs: fields[ours] for ours, theirs in HF_NAMES.items()})
+    if arch != "LlamaForCausalLM":  # LLaMA's bias flags; Qwen2's q/k/v biases are implied by its architecture
+        del cfg["attention_bias"], cfg["mlp_bias"]
+    if arch == "MistralForCausalLM":
+        cfg["sliding_window"] = fields.get("sliding_window")
     theta, scaling = fields["rope_theta"], fields["rope_scaling"]
     if rope_type(scaling) == "ntk":
         # transformers has no fixed-NTK type, but fixed NTK *is* plain RoPE with a larger base (rope.py):
@@ -114,6 +159,16 @@ def config_to_hf(fields, dtype=None):
         head_dim = fields["head_dim"]
         cfg["pose_rope"] = {"rope_type": "ntk", "factor": scaling["factor"], "rope_theta": theta}
         theta, scaling = theta * scaling["factor"] ** (head_dim / (head_dim - 2)), None
+    if rope_type(scaling) == "dynamic":
+        # transformers (5.23) builds dynamic NTK on max_position_embeddings as the original window and ignores
+        # original_max_position_embeddings: written this way it scales as we do, and our reader takes
+        # max_position_embeddings back as the original window (rope.normalize_rope_scaling)
+        cfg["max_position_embeddings"] = scaling["original_max_position_embeddings"]
+        scaling = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
+    if scaling and scaling.get("yarn_variant") == "revised":
+        cfg["pose_note"] = ("rope_scaling.yarn_variant 'revised' (the official PoSE code's YaRN) is read by this "
+                            "project only: transformers, vLLM and others read this model as standard YaRN, which "
+                            "gives different logits")
     cfg["rope_theta"] = theta
     cfg["rope_scaling"] = None if scaling is None else {"type": rope_type(scaling), **scaling}
     if dtype is not None:
@@ -234,11 +289,146 @@ def write_checkpoint(path, state, config, tokenizer_dir=None):
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
         write_json(os.path.join(path, "model.safetensors.index.json"), index)
     if tokenizer_dir and os.path.abspath(tokenizer_dir) != os.path.abspath(path):
-        for name in TOKENIZER_FILES:
-            source = os.path.join(tokenizer_dir, name)
-            if os.path.isfile(source):
-                replace_atomically(os.path.join(path, name), lambda tmp, s=source: shutil.copyfile(s, tmp))
+        write_tokenizer(tokenizer_dir, path)
     write_json(os.path.join(path, "config.json"), config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizer files
+
+def write_tokenizer(source, path):
+    """The tokenizer files of an export: those of TOKENIZER_FILES that the directory `source` has, copied, and where
+    it has a sentencepiece tokenizer.model but no tokenizer.json (the bundled tiny model, scripts/init_model.py's),
+    a tokenizer.json converted from it and a tokenizer_config.json naming the class and the special tokens.
+
+    transformers reads a tokenizer.json with the `tokenizers` library alone; a bare tokenizer.model it reads only
+    with sentencepiece and protobuf installed, and then (as LlamaTokenizer's defaults) without our BOS and with
+    other pieces. The converted files give data.Tokenizer(source)'s ids exactly, BOS included."""
+    has = {name: os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES}
+    convert = has["tokenizer.model"] and not has["tokenizer.json"]
+    files = {}
+    if convert:
+        try:
+            files = sentencepiece_to_hf(source)
+        except CheckpointError as e:
+            cli.warn(f"the export's tokenizer is tokenizer.model alone, which transformers reads only with "
+                     f"sentencepiece and protobuf installed: {e}")
+    for name in TOKENIZER_FILES:
+        if name in files:
+            replace_atomically(os.path.join(path, name), lambda tmp, text=files[name]: _write_text(tmp, text))
+        elif has[name]:
+            source_file = os.path.join(source, name)
+            replace_atomically(os.path.join(path, name), lambda tmp, s=source_file: shutil.copyfile(s, tmp))
+
+
+def sentencepiece_to_hf(source):
+    """{"tokenizer.json": ..., "tokenizer_config.json": ...} (text) for the sentencepiece BPE tokenizer of the
+    directory `source`, encoding every text as data.Tokenizer(source) does.
+
+    sentencepiece's BPE encodes a whole text (spaces escaped as "\u2581", one prepended with add_dummy_prefix)
+    by merging, again and again, the adjacent pair whose concatenation is the best-scored piece of the vocabulary,
+    characters outside it falling back to byte pieces <0xNN>. A `tokenizers` BPE with the same vocabulary does the
+    same when its merge list ranks each pair (a, b) by the score of the piece a + b: the merges are every split of
+    every piece into two pieces of the vocabulary, ordered by the merged piece's score (then id). No
+    pre-tokenizer: sentencepiece does not split the text into words to encode it either."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    tok = data.Tokenizer(os.path.join(source, "tokenizer.model"))
+    with open(tok.path, "rb") as f:
+        proto = _protobuf(f.read())  # sentencepiece_model.proto's ModelProto, field by number:
+    NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # SentencePiece.type (5: unused, 6: byte)
+    pieces = [(_one(p, 1, b"").decode(), _one(p, 2, 0.0), _one(p, 3, NORMAL))  # SentencePiece: piece, score, type
+              for p in map(_protobuf, proto.get(1, []))]
+    trainer, normalizer = _protobuf(_one(proto, 2, b"")), _protobuf(_one(proto, 3, b""))  # TrainerSpec, NormalizerSpec
+    # the settings of LLaMA-family tokenizers only: anything else is reported, not approximated
+    problems = [what for what, bad in (
+        ("not a BPE model", _one(trainer, 3, 1) != 2),  # model_type, UNIGRAM = 1 by default
+        ("a normalization rule other than identity", _one(normalizer, 2, b"") != b""),  # precompiled_charsmap
+        ("remove_extra_whitespaces", _one(normalizer, 4, 1)),
+        ("no whitespace escaping", not _one(normalizer, 5, 1)),  # escape_whitespaces
+        ("treat_whitespace_as_suffix", _one(trainer, 24, 0)),
+        ("user-defined symbols", any(kind == USER_DEFINED for _, _, kind in pieces))) if bad]
+    if problems:
+        raise CheckpointError(f"{tok.path} cannot be converted to tokenizer.json ({', '.join(problems)})")
+
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    merges = []  # (-score of the merged piece, its id, left id, right id): sorted, the merge ranks
+    for i, (piece, score, kind) in enumerate(pieces):
+        if kind == NORMAL:
+            merges += [(-score, i, vocab[piece[:k]], vocab[piece[k:]]) for k in range(1, len(piece))
+                       if piece[:k] in vocab and piece[k:] in vocab]
+    merges = [(pieces[left][0], pieces[right][0]) for _, _, left, right in sorted(merges)]
+    unk = next((piece for piece, _, kind in pieces if kind == UNKNOWN), None)
+    hf_tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                  byte_fallback=bool(_one(trainer, 35, 0))))
+    space = "\u2581"  # sentencepiece's escaped space, "▁"
+    prefix = [normalizers.Prepend(space)] if _one(normalizer, 3, 1) else []  # add_dummy_prefix
+    hf_tok.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", space)])
+    hf_tok.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                       + ([decoders.Strip(" ", 1, 0)] if prefix else []))  # the prefix back off
+    specials = [piece for piece, _, kind in pieces if kind in (UNKNOWN, CONTROL)]
+    hf_tok.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in specials])
+    bos, eos = (None if i is None else pieces[i][0] for i in (tok.bos_id, tok.eos_id))
+    if bos is not None:  # the BOS before every text (tokenizers' "post-processor"), as transformers expects it
+        hf_tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                              special_tokens=[(bos, tok.bos_id)])
+    # the source's tokenizer_config.json (chat template, model_max_length, ...) less what named its class and files
+    config = {}
+    if os.path.isfile(os.path.join(source, "tokenizer_config.json")):  # valid JSON: data.Tokenizer read it
+        with open(os.path.join(source, "tokenizer_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    config = {k: v for k, v in config.items() if k not in (
+        "tokenizer_class", "auto_map", "added_tokens_decoder", "vocab_file", "tokenizer_file", "legacy",
+        "add_prefix_space", "sp_model_kwargs")}
+    config.update(tokenizer_class="PreTrainedTokenizerFast",  # tokenizer.json as it is, in transformers 4 and 5
+                  bos_token=bos, eos_token=eos, unk_token=unk, add_bos_token=bos is not None, add_eos_token=False,
+                  split_special_tokens=True,  # "<s>" in a text is text, as sentencepiece reads it
+                  clean_up_tokenization_spaces=False)
+    return {"tokenizer.json": hf_tok.to_str(pretty=True), "tokenizer_config.json": json.dumps(config, indent=2)}
+
+
+def _protobuf(buf):
+    """The fields of a serialized protobuf message (enough of the wire format for sentencepiece's model file, read
+    without the protobuf package): {field number: [values]}, varints as int, fixed32 as float, the rest as bytes."""
+    fields, i = {}, 0
+
+    def varint():
+        nonlocal i
+        value = shift = 0
+        while True:
+            byte = buf[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while i < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire == 1:
+            value, i = buf[i:i + 8], i + 8
+        elif wire == 2:
+            n = varint()
+            value, i = buf[i:i + n], i + n
+        elif wire == 5:
+            value, i = struct.unpack("<f", buf[i:i + 4])[0], i + 4
+        else:
+            raise CheckpointError(f"not a sentencepiece model file (protobuf wire type {wire})")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def _one(message, number, default):
+    """The value of a non-repeated protobuf field (the last one given, as protobuf reads it), or its default."""
+    return message.get(number, [default])[-1]
+
+
+def _write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def replace_atomically(path, write):

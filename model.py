@@ -6,8 +6,10 @@
     model.save_pretrained("out/")               # loadable by transformers, vLLM, ...
 
 The architecture is LLaMA 1/2/3 as in Hugging Face's `LlamaForCausalLM`: pre-norm RMSNorm blocks, grouped-query
-attention with rotary embeddings (rope.py), a SwiGLU MLP, optional tied input/output embeddings. Module names equal
-the Hugging Face checkpoint names (less the "model." prefix), so loading is a rename (hf.py), not a conversion.
+attention with rotary embeddings (rope.py), a SwiGLU MLP, optional tied input/output embeddings. Mistral is the same
+with an optional sliding window (`MistralForCausalLM`), Qwen2 / Qwen2.5 the same with biases on the q, k and v
+projections (`Qwen2ForCausalLM`). Module names equal the Hugging Face checkpoint names (less the "model." prefix), so
+loading is a rename (hf.py), not a conversion.
 """
 from dataclasses import asdict, dataclass, field
 
@@ -39,8 +41,10 @@ class ModelConfig:
     rope_scaling: dict = None  # HF rope_scaling dict, e.g. {"rope_type": "linear", "factor": 8.0}; None: plain RoPE
     max_position_embeddings: int = 2048  # the context the checkpoint claims; the original window for PoSE
     tie_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o (LLaMA's attention_bias)
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
     mlp_bias: bool = False
+    sliding_window: int = None  # attend to the last sliding_window tokens only (Mistral v0.1: 4096); None: all
     extra: dict = field(default_factory=dict)  # other config.json keys (token ids, ...), written back on save
 
     def __post_init__(self):
@@ -72,11 +76,13 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer  # index into a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attention_bias)
         self.rope = rope
+        self.window = cfg.sliding_window
         self.attn_impl = "auto"  # "auto": flash-attn on CUDA in fp16/bf16 when installed, else SDPA; "sdpa"; "flash"
 
     def forward(self, x, positions, cache=None):
@@ -94,17 +100,28 @@ class Attention(nn.Module):
         causal = k.shape[2] == T
         if not causal and T != 1:
             raise ValueError("with a non-empty cache, feed one token at a time")
+        # Sliding window (Mistral v0.1): token i attends to tokens i - window + 1 .. i of the sequence (not of the
+        # positions, as in transformers). A new token reads the last `window` cached keys; a prefill longer than the
+        # window needs a band mask instead of the causal one.
+        if self.window and not causal:
+            k, v = k[:, :, -self.window:], v[:, :, -self.window:]  # (B, nkv, <= window, hd)
+        window = self.window if causal and self.window and T > self.window else None
         if self.attn_impl == "flash" and flash_attn_func is None:
             raise RuntimeError("attn_impl='flash' but flash_attn is not installed")
         use_flash = flash_attn_func is not None and (self.attn_impl == "flash" or (
             self.attn_impl == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)))
         if use_flash:
-            # flash-attn takes (B, T, heads, hd) and handles GQA itself (fewer k/v heads); causal mask built in
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                causal=causal)  # (B, T, nh, hd)
+            # flash-attn takes (B, T, heads, hd) and handles GQA itself (fewer k/v heads); causal mask built in, and
+            # the band as window_size = (keys to the left, keys to the right)
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+                                **({"window_size": (window - 1, 0)} if window else {}))  # (B, T, nh, hd)
         else:
             # The causal mask is over sequence order, which PoSE keeps increasing: positions only enter via RoPE.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+            mask = None
+            if window:  # (T, T), True where query i may attend key j: i - window < j <= i (O(T^2); flash is O(T))
+                i = torch.arange(T, device=q.device)
+                mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                                enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hd)
             y = y.transpose(1, 2)  # (B, T, nh, hd)
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))

@@ -20,14 +20,16 @@ them: its depth, recorded as (filler sentences before the key) / (all filler sen
 sentences so that the prompt length can be matched to within one sentence (about 5 tokens for LLaMA), with the same
 text. For a requested length L the prompt is the longest of <= L tokens (BOS included); its real token count is
 recorded as prompt_tokens. Keys are uniform in 10000..99999; keys and depths come from numpy's default_rng(--seed)
-alone, so every model sees the same prompts.
+alone, so every model sees the same prompts. The prompt starts with the BOS; a tokenizer with no BOS (Qwen2) starts
+it with its EOS instead, the token such models read before a new document (data.Tokenizer.start_id), as evaluate.py
+starts its windows: the model reads the prompt as the start of a document, not as the middle of one.
 
 The answer is greedy: the model reads the prompt and up to --max-new-tokens (8) tokens are appended one at a time,
 stopping at EOS or as soon as a run of digits is followed by a non-digit. The prompt is read once into a KV cache
 and each new token attends to it; --no-cache re-reads the whole sequence at each step instead (the same answer, about
 7 prompt-length forward passes per trial, and no cache memory: 16 GB at 32k tokens for LLaMA-7B in bf16). Only the
-last position's logits are computed (model.hidden_states + model.lm_head on the last row). A trial is correct when the first run of digits in
-the answer is exactly the key (as the official PoSE code, src/eval_passkey.py: "123456" is wrong for 12345).
+last position's logits are computed (Decoder: model.hidden_states, then model.lm_head on the last row). A trial is
+correct when the first run of digits in the answer is exactly the key (as the official PoSE code, src/eval_passkey.py: "123456" is wrong for 12345).
 
 Default lengths: the original window times 1, 2, 4, ... up to the window the rotary scaling supports (at least 2x
 the original, so that even an unscaled model shows where it breaks). A length beyond the supported window is a
@@ -62,7 +64,7 @@ QUESTION = "What is the pass key? The pass key is"
 # prompts
 
 class Prompt(NamedTuple):
-    ids: list  # token ids, BOS first
+    ids: list  # token ids, BOS (the tokenizer's start_id) first
     text: str
     n_filler: int  # filler sentences in all
     n_before: int  # filler sentences before the key line
@@ -258,7 +260,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description="Passkey retrieval accuracy over prompt lengths and key depths (PoSE "
                                        "section 4.3).")
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
-                   help=f"Hugging Face LLaMA directory with its tokenizer (default: the bundled tiny base, "
+                   help=f"Hugging Face model directory with its tokenizer (default: the bundled tiny base, "
                         f"{os.path.relpath(DEFAULT_MODEL)})")
     p.add_argument("--lengths", type=int, nargs="+", default=None,
                    help="prompt lengths in tokens (default: original window x 1, 2, 4, ... up to the supported one)")

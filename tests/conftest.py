@@ -54,3 +54,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dirs(tmp_path_factory):
+    """Two tokenizer.json-only tokenizers: byte-level BPE (vocab 400) trained by the `tokenizers` library on a bundled
+    book (< 0.1 s), each a directory holding tokenizer.json and tokenizer_config.json, as LLaMA 3 and Qwen2 ship them:
+      "llama3": the tokenizer.json post-processor puts <|begin_of_text|> first, no add_bos_token; EOS <|end_of_text|>
+      "qwen2":  no BOS (bos_token null, no post-processor); EOS <|endoftext|>"""
+    import gzip
+    import json
+    import os
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with gzip.open(os.path.join(root, "assets", "books", "train", "milton_areopagitica.txt.gz"), "rt") as f:
+        lines = f.read().split("\n")
+    specials = ["<|endoftext|>", "<|begin_of_text|>", "<|end_of_text|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    dirs = {}
+    for name, config in (("llama3", {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}),
+                         ("qwen2", {"bos_token": None, "eos_token": "<|endoftext|>"})):
+        if name == "llama3":
+            tok.post_processor = processors.TemplateProcessing(
+                single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+        else:
+            tok.post_processor = processors.ByteLevel(trim_offsets=False)  # Qwen2's: adds no token
+        out = tmp_path_factory.mktemp(f"tokenizer_{name}")
+        tok.save(str(out / "tokenizer.json"))
+        json.dump(dict(config, tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False),
+                  open(out / "tokenizer_config.json", "w"))
+        dirs[name] = str(out)
+    return dirs

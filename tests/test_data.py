@@ -88,6 +88,7 @@ class BigVocab:
 
     def __init__(self, tok):
         self.tok, self.path, self.vocab_size, self.bos_id = tok, tok.path, 70_000, tok.bos_id + 65_000
+        self.start_id = self.bos_id
 
     def encode_batch(self, texts, bos=True, eos=False, threads=-1):
         return [[i + 65_000 for i in ids] for ids in self.tok.encode_batch(texts, bos=bos, eos=eos)]

@@ -152,9 +152,12 @@ def test_cli_table_json_and_warning(tiny_model_dir, corpus_file, tmp_path):
                "--rope", "checkpoint", "linear:4", "--json", "out.json", cwd=str(tmp_path))
     out, err = proc.communicate()
     assert proc.returncode == 0, err
-    # ctx 128 is beyond the 64 positions of the unscaled model (a warning), not beyond linear:4's 256
+    # stderr: ctx 128 is beyond the 64 positions of the unscaled model (a warning), not beyond linear:4's 256;
+    # stdout: the results only, a header line and the table (no cache message between them)
     assert err.strip().splitlines() == [f"warning: {os.path.basename(tiny_model_dir)} with rope none supports 64 "
                                         "positions, fewer than ctx 128"]
+    header, *table = out.strip().splitlines()
+    assert header.startswith("perplexity, sliding window with stride 16, 3 documents") and len(table) == 4
     result = json.load(open(tmp_path / "out.json"))
     assert result["min_tokens"] == result["max_tokens"] == 128 and result["stride"] == 16
     assert [row["rope"] for row in result["rows"]] == ["checkpoint", "linear:4"]
