@@ -40,7 +40,6 @@ import re
 import resource
 import shlex
 import shutil
-import socket
 import sys
 import time
 
@@ -254,8 +253,9 @@ def check_resume(args, args_path, start):
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"--resume: cannot read {args_path} ({e})") from None
     now = run_args(args)
+    derived = ("out", "rope_scaling")  # rope_scaling follows from --model, --rope, --train-len and --target
     changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {now[k]!r}" for k in now
-               if k not in RESUMABLE + ("out",) and before.get(k) != now[k]]
+               if k not in RESUMABLE + derived and before.get(k) != now[k]]
     if changed:
         raise UsageError(f"--resume: these would change the run, refused: {'; '.join(changed)}")
     if args.steps < start:
@@ -286,17 +286,19 @@ def remove_temporary_files(out):
 
 def setup_distributed():
     """torchrun's environment, or a one-process group for `python train.py`: the same code path either way."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:  # a free port for the single-process rendezvous
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # the backend is the only difference
+    backend = "nccl" if device.type == "cuda" else "gloo"  # the backend is the only difference
+    try:
+        if "RANK" in os.environ:  # torchrun: rendezvous through its environment variables
+            dist.init_process_group(backend)
+        else:  # one process: an in-memory store, no port to find or to race for
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    except RuntimeError as e:
+        raise UsageError(f"cannot start the process group: {str(e).strip().splitlines()[-1]}") from None
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     return device, mesh
 
@@ -335,20 +337,19 @@ def build(args, device, mesh, rank):
     """The sharded model with its weights, and the training corpus."""
     fields = hf.read_config(args.model)
     fields["rope_scaling"] = args.rope_scaling
-    # data: documents long enough for one example (the paper keeps documents of >= train_len tokens); rank 0
-    # tokenizes raw data into the cache first, the others then read it
-    need = args.target if args.method == "full" else args.train_len
-    load = lambda: data.load_corpus(args.data, data.Tokenizer(args.model), min_tokens=need)  # noqa: E731
-    corpus = on_rank0(load)
-    if rank != 0:
-        corpus = load()
-
     # 1) the model skeleton on the meta device: no memory, no init cost
     with torch.device("meta"):
         model = LLaMA(ModelConfig(**fields))
     # 2) the weights, read on rank 0 only (checked: shapes, NaN/inf)
     expected = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
     state = on_rank0(lambda: hf.read_state_dict(args.model, fields, expected, torch.float32))
+    # the data: documents long enough for one example (the paper keeps documents of >= train_len tokens); rank 0
+    # tokenizes raw data into the cache first, the others then read it
+    need = args.target if args.method == "full" else args.train_len
+    load = lambda: data.load_corpus(args.data, data.Tokenizer(args.model), min_tokens=need)  # noqa: E731
+    corpus = on_rank0(load)
+    if rank != 0:
+        corpus = load()
     # 3) shard the skeleton, give every rank storage for its shards only, then broadcast the weights shard by shard
     #    (the other ranks never hold a full copy)
     shard_model(model, mesh, args, device)
@@ -413,7 +414,13 @@ def save_checkpoint(model, optimizer, step, args, rank):
         os.makedirs(tmp)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    except dcp.api.CheckpointException as e:  # DCP wraps every failure, Ctrl-C included: unwrap that one
+        if any(isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
+            raise KeyboardInterrupt from None
+        reason = "; ".join(f"{type(exc).__name__}: {exc}" for exc, _ in e.failures.values())
+        raise OSError(f"cannot save checkpoint {tmp} ({reason[:300]})") from None
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, "done.json"), "w") as f:
@@ -490,54 +497,60 @@ def train(args, device, mesh):
     micro_steps = args.batch_size // (world * args.micro_batch_size)
     tokens_per_step = args.batch_size * (args.target if args.method == "full" else args.train_len)
     tokens_done = log[-1]["tokens"] if log else 0
-    bar = tqdm(total=args.steps, initial=start, desc=f"{args.method} {args.train_len}->{args.target}",
-               disable=rank != 0, dynamic_ncols=True)
-    for step in range(start, args.steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(micro_steps):
-            ids, targets, positions = (t.to(device) for t in batch_for(step, micro, rank, world, args, corpus,
-                                                                       args.train_len))
-            loss = model(ids, positions, targets=targets)
-            # Every example has the same number of targets, so the mean of the micro-batch means is the global mean:
-            # each backward() adds to the gradient, hence the division; FSDP averages over the ranks.
-            (loss / micro_steps).backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)  # average the logged loss over ranks
-        loss_value = loss_sum.item() / (micro_steps * world)
-        if not math.isfinite(loss_value):
-            raise UsageError(f"loss is {loss_value} at step {step + 1}; lower --lr or check the data")
-        seconds = time.perf_counter() - t0
-        tokens_done += tokens_per_step
-        if rank == 0:
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            entry = {"step": step + 1, "loss": round(loss_value, 6), "lr": lr, "tokens": tokens_done,
-                     "seconds": round(seconds, 4), "grad_norm": round(grad_norm.item(), 6),
-                     "tokens_per_s": round(tokens_per_step / seconds, 1), "peak_mem_gb": round(peak, 3)}
-            if step == start and args.resumed_with:
-                entry["resumed_with"] = args.resumed_with  # what --resume changed, from the step it resumed at
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:.0f}",
-                            mem=f"{peak:.1f}G")
-            bar.update(1)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(model, optimizer, step + 1, args, rank)
-            args.last_checkpoint = step + 1
-    bar.close()
+    with tqdm(total=args.steps, initial=start, desc=f"{args.method} {args.train_len}->{args.target}",
+              disable=rank != 0, dynamic_ncols=True) as bar:
+        for step in range(start, args.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, args)
+            loss, grad_norm = optimizer_step(model, optimizer, lr, step, args, corpus, device, micro_steps)
+            seconds = time.perf_counter() - t0
+            tokens_done += tokens_per_step
+            if rank == 0:
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
+                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                entry = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "tokens": tokens_done,
+                         "seconds": round(seconds, 4), "grad_norm": round(grad_norm, 6),
+                         "tokens_per_s": round(tokens_per_step / seconds, 1), "peak_mem_gb": round(peak, 3)}
+                if step == start and args.resumed_with:
+                    entry["resumed_with"] = args.resumed_with  # what --resume changed, from the step it resumed at
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:.0f}",
+                                mem=f"{peak:.1f}G")
+                bar.update(1)
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                save_checkpoint(model, optimizer, step + 1, args, rank)
+                args.last_checkpoint = step + 1
 
     # 4) the extended model, and what is left on disk
     export(model, args, rank)
     if rank == 0:
         summary(args)
+
+
+def optimizer_step(model, optimizer, lr, step, args, corpus, device, micro_steps):
+    """One optimizer step over the global batch; returns the loss averaged over it and the gradient norm."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(micro_steps):
+        ids, targets, positions = (t.to(device) for t in batch_for(step, micro, rank, world, args, corpus,
+                                                                   args.train_len))
+        loss = model(ids, positions, targets=targets)
+        # Every example has the same number of targets, so the mean of the micro-batch means is the global mean:
+        # each backward() adds to the gradient, hence the division; FSDP averages over the ranks.
+        (loss / micro_steps).backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)  # average the logged loss over ranks
+    loss = loss_sum.item() / (micro_steps * world)
+    if not math.isfinite(loss):
+        raise UsageError(f"loss is {loss} at step {step + 1}; lower --lr or check the data")
+    return loss, grad_norm.item()
 
 
 def broadcast(obj):
@@ -577,9 +590,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         if rank == 0:
             step = getattr(args, "last_checkpoint", 0)
-            where = f"the last complete checkpoint is step {step} in {args.out}/checkpoints; resume with:\n  " \
-                    f"{shlex.join([sys.executable, *sys.argv] + ([] if args.resume else ['--resume']))}" if step \
-                else "no checkpoint was written yet"
+            command = "the same torchrun command with --resume" if "TORCHELASTIC_RUN_ID" in os.environ else \
+                shlex.join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
+            where = f"the last complete checkpoint is step {step} in {args.out}/checkpoints; resume with: {command}" \
+                if step else "no checkpoint was written yet"
             print(f"\ninterrupted: {where}", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError) as e:  # UsageError, CheckpointError, DataError are ValueErrors
