@@ -27,6 +27,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import sys
 import zlib
 from array import array
@@ -265,6 +266,9 @@ def prepare(input_path, tokenizer, out, min_tokens=0, verbose=True):
         created.append(d)
         d = os.path.dirname(d)
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    for name in os.listdir(os.path.dirname(out)):  # what a killed preparation of OUT left behind
+        if re.fullmatch(re.escape(os.path.basename(out)) + r"\.(bin|idx\.npy|json)\.tmp\d+", name):
+            os.remove(os.path.join(os.path.dirname(out), name))
     tmp = {ext: f"{out}{ext}.tmp{os.getpid()}" for ext in (".bin", ".idx.npy", ".json")}
     try:
         # 1) tokenize batch by batch, appending kept documents to the .bin; their offsets are kept in memory

@@ -290,3 +290,13 @@ def test_sample_window_covers_the_document():
     book = Corpus(np.arange(10_000, dtype=np.uint16), [0, 10_000])
     firsts = [int(book.sample(np.random.default_rng(seed), 80)[0]) for seed in range(300)]
     assert len(set(firsts)) > 250 and min(firsts) < 1000 and max(firsts) > 8000
+
+
+def test_leftovers_of_a_killed_preparation_are_removed(tmp_path, tok):
+    """A kill -9 leaves OUT.*.tmpPID files; the next preparation of OUT removes them (and only them)."""
+    write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    (tmp_path / "x.bin.tmp999").write_text("junk")
+    (tmp_path / "x.json.tmp12").write_text("junk")
+    (tmp_path / "other.bin.tmp999").write_text("not ours")
+    data.prepare(str(tmp_path / "docs.jsonl"), tok, str(tmp_path / "x"), verbose=False)
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl", "other.bin.tmp999", "x.bin", "x.idx.npy", "x.json"]
