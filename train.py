@@ -77,8 +77,8 @@ RESUMABLE = ("save_every", "keep", "steps", "micro_batch_size", "grad_checkpoint
 
 
 def parse_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                           epilog="\n\n".join(__doc__.split("\n\n")[2:4]))
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="\n\n".join(__doc__.split("\n\n")[2:5]))
     p.add_argument("--model", default=None, help=f"Hugging Face LLaMA directory (default: the bundled tiny base, "
                                                  f"{os.path.relpath(BUNDLED_MODEL)})")
     p.add_argument("--data", default=None, help="jsonl/txt file or directory, or a data.py-prepared dataset "
