@@ -250,7 +250,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(data=args.data, stride=args.stride, docs_requested=args.docs or DEFAULT_DOCS,
-                           min_tokens=args.min_tokens, max_tokens=args.max_tokens, ctx=args.ctx, rows=rows), f, indent=2)
+                           min_tokens=args.min_tokens, max_tokens=args.max_tokens, ctx=args.ctx, rows=rows),
+                      f, indent=2)
 
 
 if __name__ == "__main__":

@@ -289,7 +289,8 @@ class LLaMA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, rope_scaling=None, device="cpu"):
-        """Load a Hugging Face LLaMA directory (config.json + safetensors or pytorch_model.bin, single or sharded).
+        """Load a Hugging Face LLaMA, Mistral, Qwen2 or Baichuan directory (config.json + safetensors or
+        pytorch_model.bin, single or sharded; hf.py).
 
         rope_scaling: None keeps the checkpoint's; a dict replaces it ({"rope_type": "default"} removes it).
         The model is built on the meta device and each checkpoint tensor is moved into place as it is read, so only

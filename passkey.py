@@ -29,7 +29,8 @@ stopping at EOS or as soon as a run of digits is followed by a non-digit. The pr
 and each new token attends to it; --no-cache re-reads the whole sequence at each step instead (the same answer, about
 7 prompt-length forward passes per trial, and no cache memory: 16 GB at 32k tokens for LLaMA-7B in bf16). Only the
 last position's logits are computed (Decoder: model.hidden_states, then model.lm_head on the last row). A trial is
-correct when the first run of digits in the answer is exactly the key (as the official PoSE code, src/eval_passkey.py: "123456" is wrong for 12345).
+correct when the first run of digits in the answer is exactly the key (as the official PoSE code,
+src/eval_passkey.py: "123456" is wrong for 12345).
 
 Default lengths: the original window times 1, 2, 4, ... up to the window the rotary scaling supports (at least 2x
 the original, so that even an unscaled model shows where it breaks). A length beyond the supported window is a

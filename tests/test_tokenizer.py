@@ -115,7 +115,8 @@ def test_unconvertible_sentencepiece_is_copied_with_a_warning(tmp_path, capsys):
 @pytest.mark.parametrize("kind", ["llama3", "qwen2"])
 def test_tokenizer_json_checkpoints(hf_tokenizer_dirs, kind, tmp_path):
     """tokenizer.json only: ids are the `tokenizers` library's own, BOS as the checkpoint says (LLaMA 3: from the
-    post-processor; Qwen2: none, documents start with the EOS), and AutoTokenizer agrees; the export copies the files."""
+    post-processor; Qwen2: none, documents start with the EOS), and AutoTokenizer agrees; an export copies the
+    files."""
     from tokenizers import Tokenizer as HFTokenizer
 
     path = hf_tokenizer_dirs[kind]
@@ -150,7 +151,8 @@ def test_tokenizer_json_bos_is_the_post_processors(hf_tokenizer_dirs, tmp_path):
                "eos_token": "<|endoftext|>"}, open(src / "tokenizer_config.json", "w"))
     ours = Tokenizer(src)
     assert ours.bos_id is None
-    assert transformers.AutoTokenizer.from_pretrained(src)("The king")["input_ids"] == ours.encode("The king", bos=False)
+    theirs = transformers.AutoTokenizer.from_pretrained(src)
+    assert theirs("The king")["input_ids"] == ours.encode("The king", bos=False)
 
 
 def test_which_file_a_directory_reads(spm_tokenizer, hf_tokenizer_dirs, tmp_path):
