@@ -95,17 +95,20 @@ def short_run(model, corpus, out, *extra):
 
 
 def test_export_dtype_and_checkpoints(spm_tokenizer, corpus, tmp_path):
-    """A bf16 base exports bf16 by default, and --delete-checkpoints removes the checkpoints after the export."""
+    """A bf16 base exports bf16 by default, --delete-checkpoints removes the checkpoints after the export, and revised
+    YaRN, which only this project reads, is noted in the summary and in config.json."""
     import shutil
     model = random_model(tmp_path / "bf16", vocab_size=320, dtype=torch.bfloat16)
     shutil.copy(spm_tokenizer, os.path.join(model, "tokenizer.model"))
     out = tmp_path / "out"
-    proc = run_train(short_run(model, corpus, out, "--save-every", 1, "--delete-checkpoints"))
+    proc = run_train(short_run(model, corpus, out, "--save-every", 1, "--delete-checkpoints", "--rope", "yarn-revised"))
     assert stored_dtypes(out) == {"BF16"} and json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
     assert not os.path.exists(out / "checkpoints")
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == f"removed {out / 'checkpoints'} (--delete-checkpoints)"
     assert lines[1].startswith(f"saved the extended model to {out} (") and "checkpoints/" not in lines[1]
+    assert lines[-1].startswith("note: revised YaRN") and "this project only" in lines[-1]
+    assert "read by this project only" in json.load(open(out / "config.json"))["pose_note"]
     assert "tokenizer.json" in os.listdir(out)  # converted from the base's tokenizer.model
 
 
