@@ -29,6 +29,7 @@ import json
 import os
 import re
 import sys
+import zipfile
 import zlib
 from array import array
 
@@ -376,6 +377,34 @@ class Corpus:
             return doc
         start = int(rng.integers(0, len(doc) - length + 1))  # U{0, ..., len(doc) - length}
         return doc[start:start + length]
+
+
+class ReplayPool:
+    """A fixed pool of training windows replayed beside the method's examples (train.py --replay).
+
+    An .npz file with "input_ids" and "targets", both (P, L) integers; targets are -100 where nothing is predicted
+    (padding). Which K windows a step reads depends on the run's seed and the step only (never on the method, its
+    chunks, the rope or the batch size), so every method of a comparison reads the same replay data."""
+
+    STREAM = 0x5245504C  # "REPL": keeps the replay's random stream apart from the examples' (seed, index) streams
+
+    def __init__(self, path):
+        try:
+            with np.load(path) as f:
+                self.input_ids, self.targets = f["input_ids"].astype(np.int64), f["targets"].astype(np.int64)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise DataError(f"cannot read replay pool {path}: {e}") from None
+        if self.input_ids.ndim != 2 or self.input_ids.shape != self.targets.shape or len(self.input_ids) == 0:
+            raise DataError(f"replay pool {path}: input_ids and targets must be equal (P, L) arrays, got "
+                            f"{self.input_ids.shape} and {self.targets.shape}")
+        self.path, self.window = path, self.input_ids.shape[1]
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def indices(self, seed, step, k):
+        """The k windows of optimizer step `step` (distinct, drawn without replacement)."""
+        return np.random.default_rng([seed, self.STREAM, step]).choice(len(self), k, replace=False)
 
 
 def open_prepared(prefix):

@@ -227,18 +227,25 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).to(dtype)
 
 
+OPTIONS = {"yarn": {"beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "mscale": None,
+                    "mscale_all_dim": None},
+           "llama3": {"low_freq_factor": 1.0, "high_freq_factor": 4.0}}  # settable in a spec, with their defaults
+
+
 def scaling_from_spec(spec, original_len, factor=None):
-    """A rope_scaling dict from a command-line spec: "none", "linear:8", "ntk:4", "dynamic:8", "yarn:8",
-    "yarn-revised:8", "llama3:8". The factor may be left out when `factor` gives it (train.py: target / train_len).
-    original_len is the window the model was trained on (the base of YaRN's ramp and of dynamic/llama3 scaling)."""
-    kind, _, value = spec.partition(":")
-    kind = kind.strip().lower()
-    if kind in ("none", "default", "original"):
+    """A rope_scaling dict from a command-line spec KIND[:FACTOR][,KEY=VALUE ...]: "none", "linear:8", "ntk:4",
+    "dynamic:8", "yarn:8", "yarn-revised:8", "llama3:8", "yarn:8,beta_fast=4,beta_slow=1" (OPTIONS lists the keys).
+    The factor may be left out when `factor` gives it (train.py: target / train_len). original_len is the window the
+    model was trained on (the base of YaRN's ramp and of dynamic/llama3 scaling)."""
+    head, *options = [part.strip() for part in spec.split(",")]
+    kind, _, value = head.partition(":")
+    kind = kind.lower()
+    if kind in ("none", "default", "original") and not options:
         return None
     variant = None
     if kind == "yarn-revised":
         kind, variant = "yarn", "revised"
-    if kind not in ROPE_TYPES:
+    if kind not in ROPE_TYPES or kind == "default":
         raise ValueError(f"unknown rope {spec!r}; use none, linear, ntk, dynamic, yarn, yarn-revised or llama3, "
                          f"with :FACTOR (e.g. linear:8)")
     try:
@@ -251,9 +258,18 @@ def scaling_from_spec(spec, original_len, factor=None):
     if kind in NEEDS_ORIGINAL:
         scaling["original_max_position_embeddings"] = int(original_len)
     if kind == "llama3":
-        scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
+        scaling.update(OPTIONS["llama3"])
     if variant:
         scaling["yarn_variant"] = variant
+    for option in options:
+        key, _, text = option.partition("=")
+        if key not in OPTIONS.get(kind, {}):
+            allowed = ", ".join(OPTIONS.get(kind, {})) or "none"
+            raise ValueError(f"rope {spec!r}: {kind} takes no option {key!r} (options: {allowed})")
+        try:
+            scaling[key] = float(text)
+        except ValueError:
+            raise ValueError(f"rope {spec!r}: {key}={text!r} is not a number") from None
     return scaling
 
 
@@ -296,10 +312,18 @@ def supported_window(scaling, original):
 
 
 def describe_rope(scaling):
-    """'none', 'linear:8', 'yarn:16' ...: a rope_scaling dict as a command-line spec (scaling_from_spec's input)."""
+    """'none', 'linear:8', 'yarn:16,beta_fast=4' ...: a rope_scaling dict as a command-line spec (scaling_from_spec's
+    input), options listed where they differ from their defaults."""
     if not scaling:
         return "none"
     kind = rope_type(scaling)
+    options = "".join(f",{k}={float(scaling[k]):g}" for k, default in OPTIONS.get(kind, {}).items()
+                      if scaling.get(k) is not None and scaling[k] != default)
     if kind == "yarn" and scaling.get("yarn_variant") == "revised":
         kind = "yarn-revised"
-    return f"{kind}:{float(scaling['factor']):g}"
+    return f"{kind}:{float(scaling['factor']):g}{options}"
+
+
+def rope_kind(spec):
+    """The type part of a spec: 'yarn' for 'yarn:8,beta_fast=4'."""
+    return spec.split(",")[0].partition(":")[0].strip().lower()

@@ -59,17 +59,22 @@ import hf
 import pose
 from cli import UsageError
 from model import LLaMA, ModelConfig
-from rope import describe_rope, original_window, scaling_from_spec
+from rope import describe_rope, original_window, rope_kind, scaling_from_spec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
 BUNDLED_DATA = os.path.join(HERE, "assets", "books", "train")  # the bundled public-domain books
+BUNDLED_REPLAY = os.path.join(HERE, "assets", "replay", "passkey-256.npz")  # synthetic passkey episodes
 RUN_MARKER = ".pose-run"  # written first into every --out that train.py makes: only such folders are written into
 
 RECIPES = {
-    "paper": dict(steps=1000, batch_size=64, lr=2e-5, rope="linear", micro_batch_size=1),  # section 4.1, LLaMA-7B
-    # 4M parameters need a larger step size, and linear interpolation breaks the tiny model's copying (README)
-    "tiny": dict(steps=100, batch_size=16, lr=2e-4, rope="yarn", micro_batch_size=None),  # None: batch / world
+    # section 4.1, LLaMA-7B
+    "paper": dict(steps=1000, batch_size=64, lr=2e-5, rope="linear", micro_batch_size=1, replay="none",
+                  replay_batch=0),
+    # the toy reproduction's (results/toy/DESIGN.md): 4M parameters need a larger step size; YaRN with the fast bound
+    # at LLaMA's 64-token wavelength; the base learned retrieval from synthetic episodes, which it replays
+    "tiny": dict(steps=100, batch_size=16, lr=2e-4, rope="yarn,beta_fast=4,beta_slow=1", micro_batch_size=None,
+                 replay=BUNDLED_REPLAY, replay_batch=4),  # micro-batch None: batch / world
 }
 # What --resume may change (anything else would change the examples, the model or the schedule of the run)
 RESUMABLE = ("save_every", "keep", "steps", "micro_batch_size", "grad_checkpointing", "cpu_offload",
@@ -111,7 +116,13 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default 1.0, HF Trainer's, "
                                                                 "which the official code used; 0: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the examples (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the examples and of the replay draw (default 0)")
+    p.add_argument("--replay", default=None, metavar="POOL", help="a pool of windows (.npz: input_ids, targets) read "
+                   "beside the method's examples at positions 0..train_len-1, the same for every method (recipe: "
+                   "tiny the bundled passkey episodes, paper none)")
+    p.add_argument("--replay-batch", type=int, default=None, help="replay windows per step (recipe: tiny 4)")
+    p.add_argument("--replay-weight", type=float, default=None, help="weight w of the replay loss: the step "
+                   "minimizes (1 - w) method loss + w replay loss (default: replay / (batch + replay))")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100; 0: only "
                                                                "the final export)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk, the newest (default 2)")
@@ -172,9 +183,32 @@ def resolve_args(args, world, device):
     if args.batch_size % (world * args.micro_batch_size):
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by world size {world} x "
                          f"--micro-batch-size {args.micro_batch_size}")
+    check_replay(args, world)
     args.rope_scaling = extended_scaling(fields, args.rope, RECIPES[args.recipe]["rope"], args.train_len, args.target)
-    args.rope = describe_rope(args.rope_scaling).split(":")[0]
+    args.rope = args.rope or (rope_kind(describe_rope(args.rope_scaling)) if fields["rope_scaling"] else
+                              RECIPES[args.recipe]["rope"])
     return args
+
+
+def check_replay(args, world):
+    """--replay none or a pool whose windows are --train-len long, with 1 <= --replay-batch <= its size."""
+    if args.replay in (None, "none") or args.replay_batch == 0:
+        if args.replay not in (None, "none") or args.replay_batch:
+            raise UsageError("--replay and --replay-batch go together (--replay none: no replay)")
+        args.replay, args.replay_batch, args.replay_weight = None, 0, 0.0
+        return
+    pool = data.ReplayPool(args.replay)
+    if pool.window != args.train_len:
+        raise UsageError(f"--replay {args.replay} holds windows of {pool.window} tokens, not --train-len "
+                         f"{args.train_len}")
+    if not 1 <= args.replay_batch <= len(pool) or args.replay_batch % world:
+        raise UsageError(f"--replay-batch must be in 1..{len(pool)} and a multiple of the world size {world}, got "
+                         f"{args.replay_batch}")
+    if args.replay_weight is None:
+        args.replay_weight = args.replay_batch / (args.batch_size + args.replay_batch)
+    if not 0 <= args.replay_weight < 1:
+        raise UsageError(f"--replay-weight must be in [0, 1), got {args.replay_weight}")
+    args.replay = os.path.abspath(args.replay)
 
 
 def extended_scaling(fields, spec, recipe_spec, train_len, target):
@@ -191,14 +225,16 @@ def extended_scaling(fields, spec, recipe_spec, train_len, target):
         except ValueError as e:
             raise UsageError(f"--rope: {e}") from None
     original = original_window(own, fields["max_position_embeddings"])
-    kind = describe_rope(own).split(":")[0]
-    if spec not in (None, kind):
+    composed = dict(own, factor=target / original)
+    wanted = scaling_from_spec(spec, original, factor=target / original) if spec else composed
+    if wanted is None or any(composed.get(k) != v for k, v in wanted.items()):
         raise UsageError(f"the checkpoint is already extended with {describe_rope(own)} over {original} tokens: "
-                         f"--rope {spec} cannot compose with it; leave --rope out to continue with {kind}")
+                         f"--rope {spec} cannot compose with it; leave --rope out to continue with "
+                         f"{rope_kind(describe_rope(own))}")
     if target < original * float(own["factor"]):
         raise UsageError(f"--target {target} is below the {int(original * float(own['factor']))} tokens the "
                          f"checkpoint already supports ({describe_rope(own)} over {original})")
-    return dict(own, factor=target / original)
+    return composed
 
 
 def check_out(args):
@@ -366,17 +402,24 @@ def build(args, device, mesh, rank):
 # ----------------------------------------------------------------------------------------------------------------------
 # examples and schedule
 
-def batch_for(step, micro, rank, world, args, corpus, train_len):
-    """Tokens, targets, positions (micro_batch, T) of one micro-step: global examples are numbered
-    step * batch + k, and process `rank` takes k = (micro * world + rank) * micro_batch + j."""
-    rows = []
-    span = pose.window_length(args.method, train_len, args.target)
-    for j in range(args.micro_batch_size):
-        index = step * args.batch_size + (micro * world + rank) * args.micro_batch_size + j
-        rng = pose.example_rng(args.seed, index)
-        window = corpus.sample(rng, span)  # a document drawn by length, then a window of it (data.py)
-        rows.append(pose.make_example(args.method, window, train_len, args.target, chunks=args.chunks,
-                                      content=args.content, rng=rng, split=args.split))
+def example(index, args, corpus):
+    """Global example `index` of the run, (input_ids, positions): a pure function of (--seed, index)."""
+    rng = pose.example_rng(args.seed, index)
+    window = corpus.sample(rng, pose.window_length(args.method, args.train_len, args.target))  # data.py
+    return pose.make_example(args.method, window, args.train_len, args.target, chunks=args.chunks,
+                             content=args.content, rng=rng, split=args.split)
+
+
+def step_examples(step, args, corpus):
+    """Every example of optimizer step `step`, in order: examples are numbered step * batch + k."""
+    return [example(step * args.batch_size + k, args, corpus) for k in range(args.batch_size)]
+
+
+def batch_for(step, micro, rank, world, args, corpus):
+    """Tokens, targets, positions (micro_batch, T) of one micro-step: process `rank` takes the examples
+    k = (micro * world + rank) * micro_batch + j of the step."""
+    first = step * args.batch_size + (micro * world + rank) * args.micro_batch_size
+    rows = [example(first + j, args, corpus) for j in range(args.micro_batch_size)]
     ids = torch.from_numpy(np.stack([r[0] for r in rows]))
     positions = torch.from_numpy(np.stack([r[1] for r in rows]))
     # Next-token prediction inside the example, as the official code does (labels = input_ids, shifted by one):
@@ -384,6 +427,13 @@ def batch_for(step, micro, rank, world, args, corpus, train_len):
     targets = torch.full_like(ids, -100)
     targets[:, :-1] = ids[:, 1:]
     return ids, targets, positions
+
+
+def replay_windows(step, args, pool):
+    """The --replay windows of optimizer step `step`, (input_ids, targets) (K, L): a function of (--seed, step)
+    only, the same whatever the method (data.ReplayPool)."""
+    index = pool.indices(args.seed, step, args.replay_batch)
+    return pool.input_ids[index], pool.targets[index]
 
 
 def lr_at(step, args):
@@ -477,6 +527,7 @@ def train(args, device, mesh):
     resolve_args(args, world, device)
     start, checkpoint_path, log, args.resumed_with = broadcast(on_rank0(lambda: check_out(args)))
     model, corpus = build(args, device, mesh, rank)
+    pool = data.ReplayPool(args.replay) if args.replay else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   betas=(0.9, 0.999), eps=1e-8)  # "AdamW with its default hyperparameters"
     if checkpoint_path:
@@ -502,7 +553,8 @@ def train(args, device, mesh):
         for step in range(start, args.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, args)
-            loss, grad_norm = optimizer_step(model, optimizer, lr, step, args, corpus, device, micro_steps)
+            loss, replay_loss, grad_norm = optimizer_step(model, optimizer, lr, step, args, corpus, pool, device,
+                                                          micro_steps)
             seconds = time.perf_counter() - t0
             tokens_done += tokens_per_step
             if rank == 0:
@@ -511,6 +563,8 @@ def train(args, device, mesh):
                 entry = {"step": step + 1, "loss": round(loss, 6), "lr": lr, "tokens": tokens_done,
                          "seconds": round(seconds, 4), "grad_norm": round(grad_norm, 6),
                          "tokens_per_s": round(tokens_per_step / seconds, 1), "peak_mem_gb": round(peak, 3)}
+                if replay_loss is not None:
+                    entry["replay_loss"] = round(replay_loss, 6)
                 if step == start and args.resumed_with:
                     entry["resumed_with"] = args.resumed_with  # what --resume changed, from the step it resumed at
                 with open(log_path, "a") as f:
@@ -528,29 +582,37 @@ def train(args, device, mesh):
         summary(args)
 
 
-def optimizer_step(model, optimizer, lr, step, args, corpus, device, micro_steps):
-    """One optimizer step over the global batch; returns the loss averaged over it and the gradient norm."""
+def optimizer_step(model, optimizer, lr, step, args, corpus, pool, device, micro_steps):
+    """One optimizer step over the global batch (and the replay windows, if any); returns the method's loss and the
+    replay's (None without one), each averaged over the batch, and the gradient norm.
+
+    The step minimizes (1 - w) * method loss + w * replay loss, w = --replay-weight (0 without replay)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = torch.zeros((), device=device)
+    w = args.replay_weight if pool else 0.0
+    losses = torch.zeros(2, device=device)  # method, replay
     for micro in range(micro_steps):
-        ids, targets, positions = (t.to(device) for t in batch_for(step, micro, rank, world, args, corpus,
-                                                                   args.train_len))
+        ids, targets, positions = (t.to(device) for t in batch_for(step, micro, rank, world, args, corpus))
         loss = model(ids, positions, targets=targets)
         # Every example has the same number of targets, so the mean of the micro-batch means is the global mean:
         # each backward() adds to the gradient, hence the division; FSDP averages over the ranks.
-        (loss / micro_steps).backward()
-        loss_sum += loss.detach()
+        (loss * (1 - w) / micro_steps).backward()
+        losses[0] += loss.detach() / micro_steps
+    if pool:  # this rank's share of the step's replay windows, in one micro-step at positions 0..L-1
+        ids, targets = (torch.from_numpy(a[rank::world]).to(device) for a in replay_windows(step, args, pool))
+        loss = model(ids, None, targets=targets)
+        (loss * w).backward()
+        losses[1] += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)  # average the logged loss over ranks
-    loss = loss_sum.item() / (micro_steps * world)
-    if not math.isfinite(loss):
+    dist.all_reduce(losses, op=dist.ReduceOp.SUM)  # average the logged losses over ranks
+    loss, replay_loss = (losses / world).tolist()
+    if not math.isfinite(loss) or not math.isfinite(replay_loss):
         raise UsageError(f"loss is {loss} at step {step + 1}; lower --lr or check the data")
-    return loss, grad_norm.item()
+    return loss, replay_loss if pool else None, grad_norm.item()
 
 
 def broadcast(obj):

@@ -164,14 +164,14 @@ def test_examples_do_not_depend_on_the_world_size(stdlib_corpus, tiny_model):
     import data
     from data import Tokenizer
     corpus = data.load_corpus(stdlib_corpus, Tokenizer(tiny_model), min_tokens=32)
-    args = SimpleNamespace(batch_size=8, micro_batch_size=2, seed=3, method="pose", target=128, chunks=2,
+    args = SimpleNamespace(batch_size=8, micro_batch_size=2, seed=3, method="pose", target=128, train_len=32, chunks=2,
                            content="uniform", split="uniform")
 
     def step_examples(world):
         rows = []
         for micro in range(8 // (2 * world)):
             for rank in range(world):
-                ids, targets, pos = train.batch_for(5, micro, rank, world, args, corpus, 32)
+                ids, targets, pos = train.batch_for(5, micro, rank, world, args, corpus)
                 rows += [(i.tolist(), p.tolist()) for i, p in zip(ids, pos)]
                 assert torch.equal(targets[:, :-1], ids[:, 1:]) and (targets[:, -1] == -100).all()
         return sorted(rows)
@@ -232,3 +232,36 @@ def test_bad_input_one_line_error(tmp_path, tiny_model, stdlib_corpus, case, mat
     assert re.search(match, lines[0]), lines[0]
     after = set(os.listdir(out)) if os.path.exists(out) else None
     assert after == before  # nothing written
+
+
+def test_replay_stream(tmp_path, tiny_model, stdlib_corpus):
+    """--replay: the windows of a step depend on the seed and the step only; weight 0 leaves the method's training
+    as it was, any other weight changes it, and the log records the replay's loss."""
+    import data
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 320, size=(12, 32))
+    targets = np.concatenate([ids[:, 1:], np.full((12, 1), -100)], axis=1)
+    targets[:, 20:] = -100  # padding
+    pool_path = tmp_path / "pool.npz"
+    np.savez(pool_path, input_ids=ids, targets=targets)
+    pool = data.ReplayPool(str(pool_path))
+    a = SimpleNamespace(seed=1, replay_batch=3, method="pose", chunks=2, batch_size=4)
+    b = SimpleNamespace(seed=1, replay_batch=3, method="full", chunks=3, batch_size=16)
+    for step in range(5):
+        assert all(np.array_equal(x, y) for x, y in zip(train.replay_windows(step, a, pool),
+                                                        train.replay_windows(step, b, pool)))
+    assert not np.array_equal(train.replay_windows(0, a, pool)[0], train.replay_windows(1, a, pool)[0])
+    a.seed = 2
+    assert not np.array_equal(train.replay_windows(0, a, pool)[0], train.replay_windows(0, b, pool)[0])
+
+    replay = {"--replay": pool_path, "--replay-batch": 2}
+    run(common(tiny_model, stdlib_corpus, tmp_path / "plain", **{"--steps": 3}))
+    run(common(tiny_model, stdlib_corpus, tmp_path / "w0", **{"--steps": 3, "--replay-weight": 0}, **replay))
+    run(common(tiny_model, stdlib_corpus, tmp_path / "w", **{"--steps": 3}, **replay))
+    plain, w0, w = (log_of(tmp_path / n) for n in ("plain", "w0", "w"))
+    assert [e["loss"] for e in w0] == [e["loss"] for e in plain]
+    assert w[0]["loss"] == plain[0]["loss"] and w[-1]["loss"] != plain[-1]["loss"]
+    assert all(e["replay_loss"] > 0 for e in w) and "replay_loss" not in plain[0]
+    assert json.load(open(tmp_path / "w" / "args.json"))["replay_weight"] == pytest.approx(2 / 6)
+    bad = run(common(tiny_model, stdlib_corpus, tmp_path / "bad", **{"--train-len": 16}, **replay), check=False)
+    assert bad.returncode == 1 and "holds windows of 32 tokens, not --train-len 16" in bad.stderr
