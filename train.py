@@ -29,7 +29,8 @@ window (README, "Progressive extension").
 Outputs in --out (created by train.py, or a run directory it made): log.jsonl (one JSON object per optimizer step:
 step, loss, lr, tokens, seconds, ...), args.json, checkpoints/step_N (sharded, torch.distributed.checkpoint; --resume
 continues from the latest), and at the end the model in Hugging Face format (config.json with rope_scaling and
-max_position_embeddings = target, safetensors in the base checkpoint's dtype, tokenizer files).
+max_position_embeddings = target (hf.py says why dynamic NTK differs), safetensors in the base checkpoint's dtype,
+tokenizer files).
 """
 import argparse
 import json
