@@ -55,10 +55,7 @@ import data  # noqa: E402
 from model import LLaMA  # noqa: E402
 from rope import rope_frequencies  # noqa: E402
 
-try:  # the tokenizer's home: data.py (DESIGN.md's public API) or, in older trees, model.py
-    from data import Tokenizer  # noqa: E402
-except ImportError:
-    from model import Tokenizer  # noqa: E402
+from data import Tokenizer  # noqa: E402
 
 BASE = os.path.join(ROOT, "assets", "tiny")
 EVAL_DATA = os.path.join(ROOT, "assets", "books", "eval")

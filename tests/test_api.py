@@ -1,0 +1,59 @@
+"""The public API and command lines of shared/DESIGN.md, called as it writes them."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_python_api(tiny_model_dir, tmp_path):
+    from data import Tokenizer
+    from model import LLaMA
+    from pose import pose_example, randpos_positions, skip_positions
+    from rope import rope_frequencies
+
+    model = LLaMA.from_pretrained(tiny_model_dir, dtype=torch.float32, rope_scaling=None, device="cpu")
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    positions = torch.tensor(skip_positions(12, 48, chunks=2, rng=np.random.default_rng(0))).expand(2, 12)
+    logits = model(tokens, positions=None)
+    assert logits.shape == (2, 12, model.cfg.vocab_size)
+    targets = torch.cat([tokens[:, 1:], torch.full((2, 1), -100)], dim=1)
+    loss = model.loss(tokens, targets, positions=positions)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    model.save_pretrained(str(tmp_path / "saved"))
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(tmp_path / "saved"))
+
+    tok = Tokenizer(os.path.join(tiny_model_dir, "tokenizer.model"))
+    ids = tok.encode("the king and the queen", bos=True)
+    assert ids[0] == tok.bos_id and tok.decode(ids[1:]) == "the king and the queen"
+
+    inv_freq, attention_scale = rope_frequencies(64, 10000.0, {"rope_type": "linear", "factor": 8.0}, seq_len=None)
+    assert inv_freq.shape == (32,) and attention_scale == 1.0
+
+    rng = np.random.default_rng(0)
+    positions = skip_positions(16, 128, chunks=2, rng=rng)
+    assert positions.dtype == np.int64 and positions.shape == (16,)
+    input_ids, positions = pose_example(np.arange(200), 16, 128, chunks=2, content="uniform", rng=rng)
+    assert input_ids.shape == positions.shape == (16,)
+    assert randpos_positions(16, 128, rng=rng).shape == (16,)
+
+
+@pytest.mark.parametrize("script", ["data.py", "train.py", "evaluate.py", "passkey.py", "coverage.py"])
+def test_command_lines_document_their_flags(script):
+    """Every flag of DESIGN.md's command line is in the script's --help."""
+    flags = {
+        "data.py": ["--input", "--tokenizer", "--out", "--min-tokens"],
+        "train.py": ["--target", "--model", "--data", "--out", "--train-len", "--method", "--chunks", "--content",
+                     "--rope", "--steps", "--batch-size", "--lr", "--warmup", "--seed", "--save-every", "--resume"],
+        "evaluate.py": ["--ctx", "--model", "--data", "--stride", "--docs", "--rope", "--json"],
+        "passkey.py": ["--model", "--lengths", "--trials", "--seed", "--json", "--plot"],
+        "coverage.py": ["--train-len", "--target", "--chunks", "--samples", "--json", "--plot"],
+    }[script]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for flag in flags:
+        assert flag in out.stdout, (script, flag)
