@@ -1,263 +1,758 @@
-"""The paper's central results at toy scale: extend the bundled tiny base model 8x (256 -> 2048 tokens) with every
-method of Table 1 / Figure 2 / Table 5 / Table 6, then measure perplexity and passkey retrieval at 1x, 2x, 4x and 8x
-the original window on the held-out books, and the training cost per step.
+"""The toy reproduction of results/toy/DESIGN.md: every row trained from the bundled base, 3 seeds, and evaluated.
 
-    python scripts/reproduce.py                       # about 40 minutes on a 2-core CPU; resumable
-    python scripts/reproduce.py --steps 20 --trials 5 --out results/quick       # a smoke run (minutes)
+    python scripts/reproduce.py                         # the design's run into out/reproduce (hours; resumable)
+    python scripts/reproduce.py --jobs 1                # one row-seed at a time (leaves a core to others)
+    python scripts/reproduce.py --rows pose-n2,full-step --seeds 0    # a part of it (same --out, same settings)
+    python scripts/reproduce.py --publish --rows original,yarn-only,pose-n2       # finished rows -> results/toy
+    python scripts/reproduce.py --quick --out /tmp/rq   # smoke run: every row, 1 seed, 10 small steps (~8 min)
 
-Rows (all fine-tuned with the same data, steps, batch and learning rate; interpolation --rope, YaRN by default,
-factor 8, unless the row names another):
-    Original             the base model, no interpolation, no fine-tuning
-    PI-only              the base model with the interpolation, no fine-tuning
-    PI fine-tuned        fine-tuned at 256 tokens, plain positions 0..255 (no skips)
-    RandPos              256 tokens at random sorted positions below 2048 (Ruoss et al. 2023)
-    Full-length          fine-tuned on 2048-token windows (the costly upper bound)
-    PoSE N=2 / N=3       256 tokens in 2 / 3 chunks with random skips (the paper's method)
-    Linear / NTK rows    PI-only and PoSE (and, with --full-interpolations, Full-length) with those interpolations
-    PoSE N=2 contiguous / aligned   the chunk-content ablation (v_i = 0 / v_i = u_i instead of uniform)
+What it computes (DESIGN.md sections 5-9 and 12). Every fine-tuned row is `python train.py` from assets/tiny with
+the row's arguments, the recipe (target 2048, 100 steps x 16 examples, lr 2e-4, 10 warmup steps), the replay
+stream (--replay assets/replay/passkey-256.npz --replay-batch 4: the same windows in every row of a seed), --seed
+0, 1 and 2, checkpoints every 25 steps. The rows without training evaluate the base with a rotary scaling. Every
+model is evaluated by the functions, not the CLIs, on one thread: evaluate.perplexity on the 6 held-out plays (first
+4096 tokens each, stride 128) at 256, 512, 1024 and 2048 tokens, and passkey.run_passkey with 100 trials per length,
+seed 0 (the same prompts for every model; each trial's key depth is kept). Each fine-tuned run also gets its
+answer-target census (scripts/census.py): what retrieval practice the method's examples and the replay windows hold.
+Two row-seeds run side by side (--jobs), each in its own process on one thread (--threads): on 2 shared cores a
+second torch thread per process mostly waits (10x slower steps were measured next to another 2-thread run).
 
-Why YaRN and not the paper's linear interpolation for the main table: at this scale linear PI destroys the base
-model's copying circuit and 100 steps do not rebuild it (passkey accuracy 0 at every length, even inside the original
-window, for every linear row), while YaRN keeps the high frequencies that local attention relies on. The linear rows
-are in the second table. The fine-tuning data is the base model's pretraining mixture (see pretraining_mixture).
+Work and cache live under --out only, never read from results/: one directory per row and seed (OUT/ROW/seedS, the
+training run in run/, eval.json once evaluated; OUT/ROW for a row without training). A row-seed with eval.json is
+done and skipped; an interrupted training resumes from its last checkpoint (train.py --resume). After every
+finished row-seed, OUT/results.json (settings, git commit, per-seed numbers, passkey records, census, cost) and
+OUT/results.md with the plots (ppl.png, passkey.png, passkey_depth.png) are rewritten, pending rows marked so.
 
-Outputs in --out: results.json (every number), results.md (the tables), ppl.png and passkey.png, and the runs
-(out/toy/<row>/: HF checkpoints and log.jsonl). Each finished piece is kept: running again skips what exists.
+--publish computes nothing: it copies the results of the rows printed (--rows, default all) to results/toy/, and
+only when OUT was run with the design's settings (not --quick) and every printed row has all its seeds there;
+otherwise it is an error and results/ is untouched. Nothing else ever writes under results/.
+
+--quick: every row (optional ones included), seed 0, 10 steps of 8 method examples + 2 replay windows (the
+token-matched Full-length: 1 example), warmup 2, perplexity on 1 play (first 2048 tokens), 5 passkey trials per
+length; default --out out/reproduce-quick; its results.md starts with "SMOKE RUN (--quick): not results".
 """
 import argparse
+import concurrent.futures
+import fcntl
 import json
+import math
+import multiprocessing
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from typing import NamedTuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
-import torch  # noqa: E402
+BASE = "assets/tiny"  # paths relative to ROOT
+TRAIN_DATA = "assets/books/train"
+EVAL_DATA = "assets/books/eval"
+REPLAY = "assets/replay/passkey-256.npz"
+RESULTS = os.path.join(ROOT, "results", "toy")  # where --publish writes
+PUBLISHED = ("results.json", "results.md", "ppl.png", "passkey.png", "passkey_depth.png")
+SMOKE = "SMOKE RUN (--quick): not results"
 
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import passkey  # noqa: E402
-from data import Tokenizer  # noqa: E402
-from model import LLaMA  # noqa: E402
-from rope import scaling_from_spec  # noqa: E402
+YARN = "yarn,beta_fast=4,beta_slow=1"  # DESIGN section 4: factor target / train_len = 8
+YARN8 = "yarn:8,beta_fast=4,beta_slow=1"
 
-BASE = os.path.join(ROOT, "assets", "tiny")
-TRAIN_DATA = os.path.join(ROOT, "assets", "books", "train")
-EVAL_DATA = os.path.join(ROOT, "assets", "books", "eval")
 
-# name -> (training arguments or None for "no fine-tuning", rope spec to evaluate with or None for the checkpoint's)
-ROWS = {  # in the order they run: the cheap ones first, Full-length (8x the tokens per step) last
-    "Original": (None, "none"),
-    "PI-only": (None, "main"),  # --rope's interpolation, factor target / original
-    "PoSE N=2": (["--method", "pose", "--chunks", "2"], None),
-    "PI fine-tuned": (["--method", "pi"], None),
-    "RandPos": (["--method", "randpos"], None),
-    "PoSE N=3": (["--method", "pose", "--chunks", "3"], None),
-    "Linear PI-only": (None, "linear:8"),
-    "Linear PoSE": (["--method", "pose", "--rope", "linear"], None),
-    "NTK PI-only": (None, "ntk:8"),
-    "NTK PoSE": (["--method", "pose", "--rope", "ntk"], None),
-    "Full-length": (["--method", "full"], None),
-    "PoSE N=2 contiguous": (["--method", "pose", "--content", "contiguous"], None),
-    "PoSE N=2 aligned": (["--method", "pose", "--content", "aligned"], None),
+class Row(NamedTuple):
+    slug: str
+    label: str
+    train: tuple = None  # train.py arguments besides the recipe, replay and seed; None: no training
+    rope: str = None  # rotary scaling the base is evaluated with (rows without training)
+    optional: bool = False
+
+
+TOKEN_MATCHED = "{token_matched}"  # the batch that gives Full-length PoSE's method tokens per step
+ROWS = (  # DESIGN section 7, in the order they run: no training first, then the main table, then the rest
+    Row("original", "Original", rope="none"),
+    Row("pi-only", "PI-only (linear)", rope="linear:8"),
+    Row("ntk-only", "NTK-only", rope="ntk:8"),
+    Row("yarn-only", "YaRN-only", rope=YARN8),
+    Row("yarn-only-standard", "YaRN-only, standard ramp 32 / 1", rope="yarn:8"),
+    Row("yarn-only-relative", "YaRN-only, both-relative ramp 4 / 0.125", rope="yarn:8,beta_fast=4,beta_slow=0.125"),
+    Row("pose-n2", "PoSE N=2", ("--method", "pose", "--chunks", "2", "--rope", YARN)),
+    Row("pi-ft", "PI fine-tuned, no skips", ("--method", "pi", "--rope", YARN)),
+    Row("randpos", "RandPos", ("--method", "randpos", "--rope", YARN)),
+    Row("full-token", "Full-length, token-matched", ("--method", "full", "--rope", YARN, "--batch-size",
+                                                     TOKEN_MATCHED, "--micro-batch-size", TOKEN_MATCHED)),
+    Row("full-step", "Full-length, step-matched", ("--method", "full", "--rope", YARN)),
+    Row("pose-linear", "PoSE, linear", ("--method", "pose", "--rope", "linear")),
+    Row("pose-ntk", "PoSE, NTK", ("--method", "pose", "--rope", "ntk")),
+    Row("pose-n3", "PoSE N=3", ("--method", "pose", "--chunks", "3", "--rope", YARN)),
+    Row("pose-contiguous", "PoSE, content contiguous (v_i = 0)", ("--method", "pose", "--content", "contiguous",
+                                                                  "--rope", YARN)),
+    Row("pose-aligned", "PoSE, content aligned (v_i = u_i)", ("--method", "pose", "--content", "aligned",
+                                                              "--rope", YARN)),
+    Row("direct", "Direct fine-tuning (PI paper)", ("--method", "full", "--rope", "none")),
+    Row("full-linear", "Full-length, linear", ("--method", "full", "--rope", "linear"), optional=True),
+    Row("full-ntk", "Full-length, NTK", ("--method", "full", "--rope", "ntk"), optional=True),
+)
+ROW = {r.slug: r for r in ROWS}
+
+# The tables of results.md: (title, rows, which paper numbers stand beside them)
+TABLES = (
+    ("Methods (paper Table 1 / Figure 2); YaRN 4 / 1 except Direct fine-tuning", "T1",
+     ("original", "yarn-only", "pi-ft", "randpos", "full-step", "full-token", "pose-n2", "pose-n3", "direct")),
+    ("Interpolations (paper Table 6), and the ramps of DESIGN.md section 4 without fine-tuning", "T6",
+     ("original", "pi-only", "pose-linear", "full-linear", "ntk-only", "pose-ntk", "full-ntk", "yarn-only", "pose-n2",
+      "full-step", "yarn-only-standard", "yarn-only-relative")),
+    ("Chunk content (paper appendix A, Table 4)", "T4", ("pose-n2", "pose-contiguous", "pose-aligned")),
+)
+MAIN_TABLE = TABLES[0][2]
+RENAMED = {("T6", "pose-n2"): "PoSE, YaRN (= PoSE N=2)", ("T6", "full-step"): "Full-length, YaRN (= step-matched)",
+           ("T4", "pose-n2"): "PoSE, content uniform (= PoSE N=2)"}
+
+# LLaMA-7B 2k -> 16k in the PoSE paper (/work/shared/paper/pose-paper.md): GovReport perplexity at 2k / 4k / 8k /
+# 16k (Table 1: linear interpolation; Table 6: each interpolation; Table 4: chunk content), and passkey retrieval
+# where its text (section 4.3) says something; Figure 2b's values are not in the text.
+GT = "> 10^3"  # the paper's numbers as printed
+PAPER_PPL = {
+    "T1": {"original": ["4.74", GT, GT, GT], "randpos": ["11.63", "11.17", "11.54", "15.16"],
+           "full-step": ["4.87", "4.70", "4.61", "4.59"], "pose-n2": ["4.84", "4.68", "4.60", "4.60"],
+           "yarn-only": ["5.57", "5.51", "5.57", "5.83"]},
+    "T6": {"original": ["4.74", GT, GT, GT], "pi-only": ["43.80", "43.35", "45.89", "54.33"],
+           "full-linear": ["4.87", "4.70", "4.61", "4.59"], "pose-linear": ["4.84", "4.68", "4.60", "4.60"],
+           "ntk-only": ["5.62", "5.61", "5.80", "550"], "full-ntk": ["4.78", "4.63", "4.57", "7.24"],
+           "pose-ntk": ["4.79", "4.63", "4.57", "7.24"], "yarn-only": ["5.57", "5.51", "5.57", "5.83"],
+           "full-step": ["4.78", "4.62", "4.54", "4.53"], "pose-n2": ["4.79", "4.63", "4.55", "4.55"]},
+    "T4": {"pose-n2": ["4.84", "4.68", "4.60", "4.60"], "pose-contiguous": ["4.85", "4.72", "4.64", "4.68"],
+           "pose-aligned": ["4.84", "4.68", "4.60", "4.60"]},
 }
-FULL_INTERPOLATIONS = {
-    "Linear Full-length": (["--method", "full", "--rope", "linear"], None),
-    "NTK Full-length": (["--method", "full", "--rope", "ntk"], None),
-}
-MAIN_TABLE = ["Original", "PI-only", "PI fine-tuned", "RandPos", "Full-length", "PoSE N=2", "PoSE N=3"]
+PAPER_SOURCE = {"T1": "Table 1, linear (YaRN-only: Table 6)", "T6": "Table 6", "T4": "Table 4"}
+PAPER_PASSKEY = {"original": "0 beyond 2k", "pi-only": "0 beyond 2k", "randpos": "0 beyond 2k",
+                 "pose-n2": ">= 0.90 to 16k", "full-step": "comparable to PoSE"}
 
 
-def slug(name):
-    return name.lower().replace(" ", "-").replace("=", "")
+class PublishError(Exception):
+    """--publish refused: results/ is left untouched."""
 
 
-def pretraining_mixture(args):
-    """The training books plus passkey episodes (scripts/make_passkey_corpus.py, a fresh seed), as in the base model's
-    pretraining stage 1: the paper fine-tunes LLaMA on The Pile, text like its pretraining data. On books alone
-    the tiny model lost its copying within 100 steps in the two runs we tried (linear PI fine-tuned and linear PoSE:
-    passkey at 256 tokens 0.98 -> 0)."""
-    folder = os.path.join(args.runs, "data")
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(TRAIN_DATA):
-        link = os.path.join(folder, name)
-        if not os.path.exists(link):
-            os.symlink(os.path.join(TRAIN_DATA, name), link)
-    episodes = os.path.join(folder, "passkey.jsonl")
-    if not os.path.isfile(episodes):
-        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_passkey_corpus.py"), "--out", episodes,
-                        "--seed", "2"], check=True, cwd=ROOT)
-    return folder
+# ----------------------------------------------------------------------------------------------------------------
+# settings
+
+def design_settings(quick=False):
+    """Every setting of the run (DESIGN.md sections 6-8); --quick's reduced version."""
+    s = dict(mode="quick" if quick else "design", base=BASE, train_data=TRAIN_DATA, eval_data=EVAL_DATA,
+             replay=REPLAY, target=2048, train_len=256, steps=100, batch_size=16, replay_batch=4, lr=2e-4,
+             warmup=10, save_every=25, seeds=[0, 1, 2], ppl_docs=6, ppl_max_tokens=4096, ppl_stride=128,
+             ctx=[256, 512, 1024, 2048], passkey_lengths=[256, 512, 1024, 2048], passkey_trials=100,
+             passkey_seed=0, depth_bins=5)
+    if quick:
+        s.update(steps=10, batch_size=8, replay_batch=2, warmup=2, seeds=[0], ppl_docs=1, ppl_max_tokens=2048,
+                 passkey_trials=5)
+    s["token_matched_batch"] = max(1, s["batch_size"] * s["train_len"] // s["target"])
+    return s
 
 
-def train_row(name, train_args, args):
-    """Fine-tune the base model for one row (skipped when its checkpoint exists); returns the run directory."""
-    run_dir = os.path.join(args.runs, slug(name))
-    if os.path.isfile(os.path.join(run_dir, "config.json")):
+def row_train_args(row, settings, seed, root=None):
+    """train.py's arguments for one row and seed (without the script and --out); paths relative to `root` (None:
+    as the settings give them, relative to the repository)."""
+    own = [a.replace(TOKEN_MATCHED, str(settings["token_matched_batch"])) for a in row.train]
+    path = (lambda p: os.path.join(root, p)) if root else (lambda p: p)
+    return ["--model", path(settings["base"]), "--data", path(settings["train_data"]), "--recipe", "tiny",
+            "--target", str(settings["target"]), "--train-len", str(settings["train_len"]),
+            "--steps", str(settings["steps"]), "--batch-size", str(settings["batch_size"]), "--lr", str(settings["lr"]),
+            "--warmup", str(settings["warmup"]), "--seed", str(seed), "--replay", path(settings["replay"]),
+            "--replay-batch", str(settings["replay_batch"]), "--save-every", str(settings["save_every"]), *own]
+
+
+def seeds_of(row, settings):
+    return list(settings["seeds"]) if row.train else [None]
+
+
+def row_dir(out, row, seed):
+    return os.path.join(out, row.slug) if seed is None else os.path.join(out, row.slug, f"seed{seed}")
+
+
+def git_state():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def write_json(path, obj, **kw):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, **kw)
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one row and seed: train, census, evaluate
+
+_EVAL_DOCS = {}
+
+
+def eval_docs(settings, tokenizer):
+    import data
+    key = (settings["ppl_docs"], settings["ppl_max_tokens"], max(settings["ctx"]))
+    if key not in _EVAL_DOCS:
+        corpus = data.load_corpus(os.path.join(ROOT, settings["eval_data"]), tokenizer, min_tokens=max(settings["ctx"]))
+        _EVAL_DOCS[key] = [corpus[i][:settings["ppl_max_tokens"]] for i in range(min(settings["ppl_docs"],
+                                                                                     len(corpus)))]
+    return _EVAL_DOCS[key]
+
+
+def train_row_seed(row, seed, settings, folder, threads=1):
+    """Run (or resume) train.py for one row and seed into folder/run; every attempt is logged in
+    folder/train_attempts.jsonl with its wall time and the machine's load. Returns the run directory."""
+    sys.path.insert(0, ROOT)
+    import train
+
+    run_dir = os.path.join(folder, "run")
+    if os.path.isfile(os.path.join(run_dir, "config.json")):  # exported: config.json is written last
         return run_dir
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", BASE, "--data", args.data, "--out", run_dir,
-           "--target", str(args.target), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--micro-batch-size", str(args.micro_batch_size), "--lr", str(args.lr), "--warmup", str(args.warmup),
-           "--seed", str(args.seed), "--save-every", "50", "--rope", args.rope, *train_args]
-    if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *row_train_args(row, settings, seed, ROOT), "--out", run_dir,
+           "--delete-checkpoints"]
+    resume = bool(train.latest_checkpoint(run_dir)[1]) if os.path.isdir(run_dir) else False
+    if resume:
         cmd.append("--resume")
-    print(f"[{name}] training: {' '.join(cmd[1:])}", flush=True)
-    with open(os.path.join(args.out, f"train-{slug(name)}.log"), "a") as log:
-        subprocess.run(cmd, check=True, stdout=log, stderr=log, cwd=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    os.makedirs(folder, exist_ok=True)
+    attempt = {"resume": resume, "threads": threads, "loadavg_start": os.getloadavg(), "started": time.time()}
+    t0, code = time.perf_counter(), None
+    try:
+        with open(os.path.join(folder, "train.log"), "a") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    finally:
+        attempt.update(seconds=round(time.perf_counter() - t0, 1), loadavg_end=os.getloadavg(), returncode=code)
+        with open(os.path.join(folder, "train_attempts.jsonl"), "a") as f:
+            f.write(json.dumps(attempt) + "\n")
+    if code:
+        tail = open(os.path.join(folder, "train.log")).read().strip().splitlines()[-5:]
+        raise RuntimeError(f"{row.slug} seed {seed}: train.py exited with {code}; "
+                           f"{os.path.join(folder, 'train.log')} ends with:\n" + "\n".join(tail))
     return run_dir
 
 
-def training_cost(run_dir):
-    """Median seconds per optimizer step and peak memory, from the run's log."""
+def training_cost(folder, run_dir):
     log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    attempts = [json.loads(line) for line in open(os.path.join(folder, "train_attempts.jsonl"))]
     return {"seconds_per_step": statistics.median(e["seconds"] for e in log),
-            "peak_mem_gb": max(e["peak_mem_gb"] for e in log), "tokens_per_step": log[0]["tokens"],
-            "final_loss": log[-1]["loss"]}
+            "peak_mem_gb": max(e["peak_mem_gb"] for e in log), "steps": len(log),
+            "method_tokens_per_step": log[0]["tokens"], "final_loss": log[-1]["loss"],
+            "final_replay_loss": log[-1].get("replay_loss"),
+            "train_wall_s": round(sum(a["seconds"] for a in attempts), 1),
+            "train_attempts": [{k: a[k] for k in ("resume", "threads", "seconds", "loadavg_start", "loadavg_end")}
+                               for a in attempts]}
 
 
-def evaluate_row(name, model_dir, rope, docs, tokenizer, args):
-    if rope == "main":
-        rope = f"{args.rope}:{args.target // args.original}"
-    model = LLaMA.from_pretrained(model_dir)
-    if rope:
-        model.set_rope_scaling(scaling_from_spec(rope, args.original))
+RECORD_FIELDS = ("length", "trial", "depth", "passkey", "prompt_tokens", "predicted", "correct")
+
+
+def evaluate_model(model, tokenizer, settings):
+    import evaluate
+    import passkey
+
+    docs = eval_docs(settings, tokenizer)
     ppl = {}
-    for ctx in args.ctx:
+    for ctx in settings["ctx"]:
+        r = evaluate.perplexity(model, docs, ctx, settings["ppl_stride"])
+        ppl[str(ctx)] = {"ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"]}
+    records = passkey.run_passkey(model, tokenizer, settings["passkey_lengths"], trials=settings["passkey_trials"],
+                                  seed=settings["passkey_seed"])
+    accuracy = {str(r["length"]): r["accuracy"] for r in passkey.accuracy_by_length(records)}
+    return {"ppl": ppl, "passkey": accuracy,
+            "records": {"fields": list(RECORD_FIELDS), "rows": [[r[k] for k in RECORD_FIELDS] for r in records]}}
+
+
+def run_row_seed(slug, seed, settings, out, threads=1):
+    """Train (if the row trains), take the census, evaluate, and write eval.json; nothing when it exists."""
+    import torch
+
+    import data
+    import rope
+    from model import LLaMA
+
+    row = ROW[slug]
+    folder = row_dir(out, row, seed)
+    path = os.path.join(folder, "eval.json")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    result = {"row": slug, "label": row.label, "seed": seed, "settings": settings}
+    if row.train:
+        run_dir = train_row_seed(row, seed, settings, folder, threads)
+        import census
         t0 = time.perf_counter()
-        r = evaluate.perplexity(model, docs, ctx, args.stride, progress=f"{name} ppl@{ctx}")
-        ppl[str(ctx)] = r["ppl"]
-        print(f"[{name}] ppl@{ctx} = {r['ppl']:.3f} ({r['tokens']} tokens, {time.perf_counter() - t0:.0f}s)",
-              flush=True)
-    records = passkey.run_passkey(model, tokenizer, args.ctx, trials=args.trials, seed=args.seed, progress=True)
-    acc = {str(r["length"]): r["accuracy"] for r in passkey.accuracy_by_length(records)}
-    print(f"[{name}] passkey {acc}", flush=True)
-    return {"ppl": ppl, "passkey": acc, "rope_scaling": model.cfg.rope_scaling, "model": os.path.relpath(model_dir, ROOT)}
+        result["census"] = census.arm_census(row_train_args(row, settings, seed, ROOT))
+        result["census"]["seconds"] = round(time.perf_counter() - t0, 2)
+        result["train_args"] = row_train_args(row, settings, seed)
+        model_dir = run_dir
+    else:
+        model_dir = os.path.join(ROOT, settings["base"])
+    torch.set_num_threads(1)
+    tokenizer = data.Tokenizer(model_dir)
+    model = LLaMA.from_pretrained(model_dir)
+    if not row.train:
+        model.set_rope_scaling(rope.scaling_from_spec(row.rope, model.cfg.max_position_embeddings))
+    result["rope_scaling"] = model.cfg.rope_scaling
+    result["rope"] = rope.describe_rope(model.cfg.rope_scaling)
+    load_start, t0 = os.getloadavg(), time.perf_counter()
+    result.update(evaluate_model(model, tokenizer, settings))
+    cost = training_cost(folder, run_dir) if row.train else {}
+    cost.update(eval_wall_s=round(time.perf_counter() - t0, 1), eval_threads=1, eval_loadavg_start=load_start,
+                eval_loadavg_end=os.getloadavg())
+    result["cost"] = cost
+    result["git"] = git_state()
+    write_json(path, result)
+    return path
 
 
-def fmt_ppl(x):
-    return f"{x:.2f}" if x < 1000 else "> 10^3"
+def _worker(slug, seed, settings, out, threads):  # a --jobs 2 process
+    import torch
+    signal.signal(signal.SIGTERM, interrupted)
+    torch.set_num_threads(1)
+    return run_row_seed(slug, seed, settings, out, threads)
 
 
-def markdown(results, args, names, labels=None):
-    """A table of the rows `names`, shown under labels[name] where given."""
-    labels = labels or {}
-    head = " | ".join(f"ppl {c}" for c in args.ctx) + " | " + " | ".join(f"passkey {c}" for c in args.ctx)
-    lines = [f"| method | {head} | s/step | peak GB |", "|---" * (2 * len(args.ctx) + 3) + "|"]
-    for name in names:
-        r = results[name]
-        cost = r.get("cost")
-        cells = [fmt_ppl(r["ppl"][str(c)]) for c in args.ctx] + [f"{r['passkey'][str(c)]:.2f}" for c in args.ctx]
-        cells += [f"{cost['seconds_per_step']:.2f}", f"{cost['peak_mem_gb']:.2f}"] if cost else ["-", "-"]
-        lines.append(f"| {labels.get(name, name)} | " + " | ".join(cells) + " |")
+# ----------------------------------------------------------------------------------------------------------------
+# collecting, tables, plots
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def collect(out, settings, slugs):
+    """results.json's object for the rows `slugs`, from the eval.json files under `out`."""
+    rows = {}
+    for slug in slugs:
+        row = ROW[slug]
+        expected = seeds_of(row, settings)
+        per_seed = {}
+        for seed in expected:
+            path = os.path.join(row_dir(out, row, seed), "eval.json")
+            if os.path.isfile(path):
+                result = read_json(path)
+                if result.get("settings") != settings:
+                    raise PublishError(f"{path} was computed with other settings than {out}/settings.json")
+                per_seed["base" if seed is None else str(seed)] = {k: v for k, v in result.items()
+                                                                   if k not in ("settings", "row", "label")}
+        entry = {"label": row.label, "train_args": list(row.train) if row.train else None,
+                 "rope": row.rope or "checkpoint", "optional": row.optional,
+                 "seeds_expected": expected, "seeds_done": [s for s in expected
+                                                           if ("base" if s is None else str(s)) in per_seed],
+                 "per_seed": per_seed}
+        if per_seed:
+            summary = {}
+            for metric, keys in (("ppl", settings["ctx"]), ("passkey", settings["passkey_lengths"])):
+                for k in keys:
+                    values = [(r[metric][str(k)]["ppl"] if metric == "ppl" else r[metric][str(k)])
+                              for r in per_seed.values()]
+                    m, s = mean_std(values)
+                    summary.setdefault(metric, {})[str(k)] = {"mean": m, "std": s, "n": len(values)}
+            costs = [r.get("cost", {}) for r in per_seed.values()]
+            for key in ("seconds_per_step", "peak_mem_gb", "train_wall_s", "eval_wall_s"):
+                m, s = mean_std([c.get(key) for c in costs])
+                summary.setdefault("cost", {})[key] = {"mean": m, "std": s}
+            entry["summary"] = summary
+        rows[slug] = entry
+    evals = [r.get("git", {}) for row in rows.values() for r in row["per_seed"].values()]
+    commits = sorted({(g.get("commit"), g.get("dirty")) for g in evals}, key=str)
+    return {"settings": settings, "design": "results/toy/DESIGN.md", "git": git_state(),
+            "evaluated_at_commits": [{"commit": c, "dirty": d} for c, d in commits],
+            "paper": {"ppl": PAPER_PPL, "source": PAPER_SOURCE, "passkey_text": PAPER_PASSKEY,
+                      "what": "LLaMA-7B 2k -> 16k, GovReport perplexity at 2k / 4k / 8k / 16k (PoSE paper)"},
+            "rows": rows}
+
+
+def fmt_number(x, digits=2):
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    return f"{x:.{digits}f}" if abs(x) < 1000 else f"{x:.3g}"
+
+
+def fmt_cell(cell, digits=2):
+    if cell is None or cell["mean"] is None:
+        return "-"
+    if cell.get("std") is None:
+        return fmt_number(cell["mean"], digits)
+    return f"{fmt_number(cell['mean'], digits)} ± {fmt_number(cell['std'], digits)}"
+
+
+def seeds_label(entry):
+    if entry["seeds_expected"] == [None]:
+        return "base" if entry["seeds_done"] else "pending"
+    done, expected = len(entry["seeds_done"]), len(entry["seeds_expected"])
+    return "pending" if done == 0 else (f"{done}" if done == expected else f"{done} of {expected}")
+
+
+def table(results, slugs, paper):
+    s = results["settings"]
+    head = ["row", "seeds"] + [f"ppl {c}" for c in s["ctx"]] + [f"passkey {n}" for n in s["passkey_lengths"]] + \
+        ["s/step", f"paper ppl 2k / 4k / 8k / 16k ({PAPER_SOURCE[paper]})", "paper passkey (text)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for slug in slugs:
+        if slug not in results["rows"]:
+            continue
+        entry = results["rows"][slug]
+        summary = entry.get("summary", {})
+        cells = [RENAMED.get((paper, slug), entry["label"]), seeds_label(entry)]
+        cells += [fmt_cell(summary.get("ppl", {}).get(str(c))) for c in s["ctx"]]
+        cells += [fmt_cell(summary.get("passkey", {}).get(str(n))) for n in s["passkey_lengths"]]
+        cells.append(fmt_cell(summary.get("cost", {}).get("seconds_per_step")) if entry["train_args"] else "-")
+        ppl = PAPER_PPL[paper].get(slug)
+        cells.append(" / ".join(ppl) if ppl else "-")
+        cells.append(PAPER_PASSKEY.get(slug, "-") if paper == "T1" or slug in ("original", "pi-only") else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plots(results, args, path_ppl, path_passkey):
+def census_table(results):
+    bins = None
+    lines = []
+    for slug, entry in results["rows"].items():
+        for seed, r in entry["per_seed"].items():
+            c = r.get("census")
+            if not c:
+                continue
+            if bins is None:
+                bins = list(c["replay"]["own"])
+                head = ["row", "seed", "method examples", "method tokens", "method 'pass key'", "method answers",
+                        "replay windows", "replay tokens", "replay answers"] + \
+                    [f"own {b}" for b in bins] + ["other", "none"]
+                lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            m, rp = c["method"], c["replay"]
+            own = [m["own"][b] + rp["own"][b] for b in bins]
+            cells = [entry["label"], seed, m["examples"], f"{m['tokens']:,}", m["mentions"], m["answers"],
+                     rp["examples"], f"{rp['tokens']:,}", rp["answers"], *own, m["other"] + rp["other"],
+                     m["none"] + rp["none"]]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) if lines else "(no fine-tuned run finished yet)"
+
+
+def cost_table(results):
+    head = ["row", "seed", "s/step (median)", "peak GB", "method tokens / step", "train min", "eval min",
+            "load avg (train start, eval end)", "final loss", "final replay loss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for slug, entry in results["rows"].items():
+        for seed, r in entry["per_seed"].items():
+            c = r.get("cost", {})
+            loads = [a["loadavg_start"][0] for a in c.get("train_attempts", [])] + [c["eval_loadavg_end"][0]]
+            cells = [entry["label"], seed, fmt_number(c.get("seconds_per_step")), fmt_number(c.get("peak_mem_gb")),
+                     f"{c['method_tokens_per_step']:,}" if "method_tokens_per_step" in c else "-",
+                     fmt_number(c["train_wall_s"] / 60, 1) if "train_wall_s" in c else "-",
+                     fmt_number(c["eval_wall_s"] / 60, 1), ", ".join(f"{x:.1f}" for x in loads),
+                     fmt_number(c.get("final_loss"), 3), fmt_number(c.get("final_replay_loss"), 3)]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def markdown(results):
+    s = results["settings"]
+    quick = s["mode"] == "quick"
+    rows = results["rows"]
+    pending = [e["label"] for e in rows.values() if e["seeds_done"] != e["seeds_expected"]]
+    commits = ", ".join(c["commit"][:10] + (" (modified)" if c["dirty"] else "")
+                        for c in results["evaluated_at_commits"] if c["commit"]) or "-"
+    md = ([SMOKE, ""] if quick else []) + [
+        f"# PoSE at toy scale: {s['train_len']} -> {s['target']} tokens" + (" (smoke run)" if quick else ""), "",
+        f"Design: results/toy/DESIGN.md (fixed before the runs). Made by `python scripts/reproduce.py"
+        f"{' --quick' if quick else ''}` at commit {commits}.", "",
+        f"Base {s['base']}; fine-tuning: {s['steps']} steps x {s['batch_size']} method examples + "
+        f"{s['replay_batch']} replay windows ({s['replay']}, the same in every row of a seed), lr {s['lr']}, "
+        f"{s['warmup']} warmup steps then linear decay, seeds {', '.join(map(str, s['seeds']))}; Full-length "
+        f"token-matched: {s['token_matched_batch']} example(s) of {s['target']} tokens per step. Perplexity: "
+        f"{s['ppl_docs']} held-out plays (first {s['ppl_max_tokens']} tokens each), sliding window stride "
+        f"{s['ppl_stride']}. Passkey: "
+        f"{s['passkey_trials']} trials per length, the same prompts (seed {s['passkey_seed']}) for every model, greedy "
+        f"exact match. Cells: mean ± sample standard deviation over the seeds (one number: one seed, or no training). "
+        f"s/step: median optimizer-step time of the training run (shared 2-core CPU; the load is in the cost table). "
+        f"Paper: LLaMA-7B 2k -> 16k, GovReport; its passkey numbers are only what its text says (section 4.3).", ""]
+    if pending:
+        md += [f"Pending (not all seeds computed): {', '.join(pending)}.", ""]
+    for title, paper, slugs in TABLES:
+        if any(slug in rows for slug in slugs):
+            md += [f"## {title}", "", table(results, slugs, paper), ""]
+    md += ["![perplexity](ppl.png) ![passkey](passkey.png)", "",
+           f"Passkey accuracy by key depth ({s['depth_bins']} bins of the filler) and length, trials pooled over the "
+           f"seeds: ![depth x length](passkey_depth.png)", "",
+           "## Answer-target census (DESIGN.md section 9)", "",
+           "Per fine-tuned run, over all its steps: the method's examples (books only) and the replay windows. "
+           "'pass key': mentions in the method's examples; answers: answer targets; own: the most recent key line "
+           "before the question holds the answer's key, binned by distance in model positions; other: it holds "
+           "another key; none: no key line before it.", "", census_table(results), "",
+           "## Cost", "", cost_table(results), ""]
+    return "\n".join(md)
+
+
+def records_of(entry):
+    out = []
+    for r in entry["per_seed"].values():
+        fields = r["records"]["fields"]
+        out += [dict(zip(fields, values)) for values in r["records"]["rows"]]
+    return out
+
+
+def plots(results, folder):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    import numpy as np
 
-    for path, key, ylabel, log in ((path_ppl, "ppl", "perplexity (held-out books)", True),
-                                   (path_passkey, "passkey", "passkey accuracy", False)):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name in [n for n in MAIN_TABLE if n in results]:
-            ys = [min(results[name][key][str(c)], 1e3) for c in args.ctx]
-            ax.plot(args.ctx, ys, marker="o", label=name)
-        ax.axvline(args.original, color="gray", linestyle=":", label="original window")
+    import passkey
+
+    s = results["settings"]
+    rows = {slug: e for slug, e in results["rows"].items() if e["per_seed"]}
+    for name, metric, keys, ylabel in (("ppl.png", "ppl", s["ctx"], "perplexity (held-out plays)"),
+                                       ("passkey.png", "passkey", s["passkey_lengths"], "passkey accuracy")):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for slug in [m for m in MAIN_TABLE if m in rows]:
+            cells = [rows[slug]["summary"][metric][str(k)] for k in keys]
+            ax.errorbar(keys, [c["mean"] for c in cells], yerr=[c["std"] or 0 for c in cells], marker="o",
+                        capsize=3, label=f"{rows[slug]['label']} ({seeds_label(rows[slug])})")
+        ax.axvline(s["train_len"], color="gray", linestyle=":", label="original window")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(args.ctx, [str(c) for c in args.ctx])
-        if log:
+        ax.set_xticks(keys, [str(k) for k in keys])
+        if metric == "ppl":
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        else:
+            ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        ax.set_ylabel(ylabel + (" (mean ± sd over seeds)" if len(s["seeds"]) > 1 else ""))
+        if s["mode"] == "quick":
+            ax.set_title(SMOKE, color="red")
+        ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path + ".tmp.png", dpi=120)
-        os.replace(path + ".tmp.png", path)
+        fig.savefig(os.path.join(folder, name + ".tmp.png"), dpi=120)
+        os.replace(os.path.join(folder, name + ".tmp.png"), os.path.join(folder, name))
         plt.close(fig)
 
+    lengths, bins = s["passkey_lengths"], s["depth_bins"]
+    n = max(1, len(rows))
+    cols = min(6, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(2.4 * cols + 1, 2.5 * nrows + 0.4), squeeze=False)
+    image = None
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (slug, entry) in zip(axes.flat, rows.items()):
+        grid = passkey.accuracy_grid(records_of(entry), lengths, bins)
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+        for i in range(len(lengths)):
+            for j in range(bins):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(bins), [f"{j / bins:.1f}" for j in range(bins)], fontsize=6)
+        ax.set_yticks(range(len(lengths)), [str(x) for x in lengths], fontsize=6)
+        ax.set_title(f"{entry['label']} ({seeds_label(entry)})", fontsize=7)
+        ax.set_xlabel("key depth (bin start)", fontsize=6)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), label="accuracy", shrink=0.8)
+    if s["mode"] == "quick":
+        fig.suptitle(SMOKE, color="red")
+    fig.savefig(os.path.join(folder, "passkey_depth.tmp.png"), dpi=120, bbox_inches="tight")
+    os.replace(os.path.join(folder, "passkey_depth.tmp.png"), os.path.join(folder, "passkey_depth.png"))
+    plt.close(fig)
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(ROOT, "results", "toy"))
-    p.add_argument("--runs", default=os.path.join(ROOT, "out", "toy"))
-    p.add_argument("--target", type=int, default=2048)
-    p.add_argument("--rope", default="yarn", help="interpolation of the main table's rows (the Linear / NTK rows "
-                   "override it)")
-    p.add_argument("--data", default=None, help="fine-tuning data (default: the base model's pretraining mixture, "
-                   "the training books plus synthetic passkey episodes, built in --runs/data)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--micro-batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stride", type=int, default=128, help="sliding-window stride (the paper's 1024 at 1/8 scale)")
-    p.add_argument("--docs", type=int, default=6)
-    p.add_argument("--max-tokens", type=int, default=4096, help="tokens evaluated per document")
-    p.add_argument("--trials", type=int, default=50)
-    p.add_argument("--full-interpolations", action="store_true", help="also Full-length with NTK and YaRN")
-    p.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
-    args = p.parse_args()
-    if not os.path.isfile(os.path.join(BASE, "config.json")):
-        sys.exit(f"error: the base model {BASE} is missing (bash scripts/pretrain_tiny.sh makes it)")
-    torch.set_num_threads(os.cpu_count())
-    base = LLaMA.from_pretrained(BASE)
-    args.original = base.cfg.max_position_embeddings
-    args.ctx = [args.original * m for m in (1, 2, 4, 8)]
-    os.makedirs(args.out, exist_ok=True)
-    os.makedirs(args.runs, exist_ok=True)
-    args.data = args.data or pretraining_mixture(args)
-    rows = dict(ROWS, **(FULL_INTERPOLATIONS if args.full_interpolations else {}))
-    if args.rows:
-        wanted = [r.strip() for r in args.rows.split(",")]
-        unknown = [r for r in wanted if r not in rows]
+
+def write_results(out, settings, slugs, folder=None):
+    """results.json, results.md and the plots of the rows `slugs` into `folder` (default: out)."""
+    folder = folder or out
+    results = collect(out, settings, slugs)
+    write_json(os.path.join(folder, "results.json"), results, separators=(",", ":"))
+    md = markdown(results)
+    with open(os.path.join(folder, "results.md.tmp"), "w") as f:
+        f.write(md)
+    os.replace(os.path.join(folder, "results.md.tmp"), os.path.join(folder, "results.md"))
+    plots(results, folder)
+    return results, md
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# publishing
+
+def publish(out, slugs, dest=RESULTS):
+    """Copy the results of the rows `slugs` computed in `out` to `dest`: only a design run (not --quick) with every
+    seed of every row done. Raises PublishError, with `dest` untouched, otherwise."""
+    path = os.path.join(out, "settings.json")
+    if not os.path.isfile(path):
+        raise PublishError(f"{out} holds no run of scripts/reproduce.py (no settings.json): nothing to publish")
+    settings = read_json(path)
+    if settings.get("mode") == "quick":
+        raise PublishError(f"{out} is a --quick run: smoke runs are never published")
+    if settings != design_settings():
+        raise PublishError(f"{out} was run with settings other than results/toy/DESIGN.md's: not published")
+    missing = [f"{slug} seed {seed}" if seed is not None else slug for slug in slugs
+               for seed in seeds_of(ROW[slug], settings)
+               if not os.path.isfile(os.path.join(row_dir(out, ROW[slug], seed), "eval.json"))]
+    if missing:
+        raise PublishError(f"not computed in {out}: {', '.join(missing)}; run scripts/reproduce.py for them first, "
+                           f"or publish only finished rows with --rows")
+    staging = tempfile.mkdtemp(prefix=".publish-", dir=out)
+    try:
+        write_results(out, settings, slugs, folder=staging)  # everything built before anything is copied
+        os.makedirs(dest, exist_ok=True)
+        for name in PUBLISHED:
+            shutil.copyfile(os.path.join(staging, name), os.path.join(dest, name + ".tmp"))
+        for name in PUBLISHED:
+            os.replace(os.path.join(dest, name + ".tmp"), os.path.join(dest, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [os.path.join(dest, name) for name in PUBLISHED]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+def rows_help():
+    lines = ["rows (--rows takes these names; * optional: run only when named, or with --rows all):"]
+    for r in ROWS:
+        what = "no training, evaluated with --rope " + r.rope if not r.train else \
+            "train.py " + " ".join(a.replace(TOKEN_MATCHED, "B/8") for a in r.train)
+        lines.append(f"  {r.slug + (' *' if r.optional else ''):<21} {r.label}: {what}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=rows_help() + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--out", default=None, help="work directory (default out/reproduce; --quick: "
+                                               "out/reproduce-quick)")
+    p.add_argument("--quick", action="store_true", help="the smoke run: every row, reduced (see below)")
+    p.add_argument("--rows", default=None, help="comma-separated row names (default: every row but the optional "
+                                                "ones; --quick: every row; 'all': every row)")
+    p.add_argument("--seeds", default=None, help="comma-separated training seeds to compute now (default: the "
+                                                 "design's 0,1,2; --quick: 0)")
+    p.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="row-seeds computed side by side, each in "
+                   "its own process (default 2: both cores; 1 leaves a core to others)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each training run (default 1: on a "
+                   "shared machine a second thread per process waits for a core, up to 10x slower; evaluation "
+                   "always uses 1)")
+    p.add_argument("--publish", action="store_true", help="copy the results of --rows (all of them computed, with "
+                   "the design's settings) to results/toy; computes nothing")
+    args = p.parse_args(argv)
+    args.out = os.path.abspath(args.out or os.path.join(ROOT, "out", "reproduce-quick" if args.quick else
+                                                        "reproduce"))
+    if args.rows in (None, "all"):
+        args.rows = [r.slug for r in ROWS if args.quick or args.rows == "all" or not r.optional]
+    else:
+        args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+        unknown = [r for r in args.rows if r not in ROW]
         if unknown:
-            sys.exit(f"error: unknown row(s) {', '.join(unknown)}; rows: {', '.join(rows)}")
-        rows = {r: rows[r] for r in wanted}
+            p.error(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(ROW)}")
+    settings = design_settings(args.quick)
+    if args.seeds is None:
+        args.seeds = settings["seeds"]
+    else:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+        if not set(args.seeds) <= set(settings["seeds"]):
+            p.error(f"--seeds must be among the {'--quick' if args.quick else 'design'} seeds {settings['seeds']}")
+    if args.publish and args.quick:
+        p.error("--quick runs are never published")
+    return args, settings
 
-    results_path = os.path.join(args.out, "results.json")
-    results = json.load(open(results_path))["rows"] if os.path.isfile(results_path) else {}
-    tokenizer = Tokenizer(BASE)
-    corpus = data.load_corpus(EVAL_DATA, tokenizer, min_tokens=args.ctx[-1])
-    docs = [corpus[i][:args.max_tokens] for i in range(min(args.docs, len(corpus)))]
-    settings = {k: v for k, v in vars(args).items()}
-    for name, (train_args, rope) in rows.items():
-        if name in results:
-            continue
-        model_dir = BASE if train_args is None else train_row(name, train_args, args)
-        result = evaluate_row(name, model_dir, rope, docs, tokenizer, args)
-        if train_args is not None:
-            result["cost"] = training_cost(model_dir)
-            result["train_args"] = train_args
-        results[name] = result
-        with open(results_path + ".tmp", "w") as f:  # after every row, so an interruption loses one row at most
-            json.dump({"settings": settings, "rows": results}, f, indent=2)
-        os.replace(results_path + ".tmp", results_path)
 
-    main_names = [n for n in MAIN_TABLE if n in results]
-    interp_names = [n for n in ("Original", "Linear PI-only", "Linear Full-length", "Linear PoSE", "NTK PI-only",
-                                "NTK Full-length", "NTK PoSE", "PI-only", "Full-length", "PoSE N=2") if n in results]
-    rope_name = {"yarn": "YaRN", "linear": "Linear", "ntk": "NTK"}.get(args.rope, args.rope)
-    content_names = [n for n in ("PoSE N=2", "PoSE N=2 contiguous", "PoSE N=2 aligned") if n in results]
-    md = [f"# PoSE at toy scale: {args.original} -> {args.target} tokens", "",
-          f"Base: {os.path.relpath(BASE, ROOT)}. Fine-tuning: {args.steps} steps x {args.batch_size} examples, "
-          f"lr {args.lr}, {args.warmup} warmup steps, linear decay. Perplexity: {len(docs)} held-out documents "
-          f"(first {args.max_tokens} tokens each), sliding window stride {args.stride}. Passkey: {args.trials} "
-          f"trials per length. s/step and peak GB: median optimizer-step time and peak memory of the training run "
-          f"(one CPU process).", "", "## Methods (paper Table 1, Figure 2)", "", markdown(results, args, main_names),
-          "", "## Interpolations (paper Table 6)", "",
-          markdown(results, args, interp_names, {n: f"{rope_name} {n}" for n in ("PI-only", "Full-length")}
-                   | {"PoSE N=2": f"{rope_name} PoSE"}), "",
-          "## Chunk content (paper appendix A, Table 4): v_i uniform (default), 0 (contiguous), u_i (aligned)", "",
-          markdown(results, args, content_names), ""]
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write("\n".join(md))
-    plots(results, args, os.path.join(args.out, "ppl.png"), os.path.join(args.out, "passkey.png"))
-    print("\n".join(md))
+def check_out(out, settings):
+    """--out's settings.json: written by the first run, and every later run must have the same settings."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "settings.json")
+    if os.path.isfile(path):
+        before = read_json(path)
+        if before != settings:
+            raise SystemExit(f"error: {out} holds a run with other settings ({before.get('mode')}); use another --out")
+    else:
+        write_json(path, settings, indent=2)
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the running train.py is stopped and its attempt recorded
+
+
+def main(argv=None):
+    args, settings = parse_args(argv)
+    if args.publish:
+        try:
+            written = publish(args.out, args.rows)
+        except PublishError as e:
+            sys.exit(f"error: {e}")
+        print("published: " + ", ".join(os.path.relpath(p, ROOT) for p in written))
+        return
+    if os.path.realpath(args.out).startswith(os.path.realpath(os.path.join(ROOT, "results")) + os.sep):
+        sys.exit("error: --out must not be under results/ (--publish writes there)")
+    check_out(args.out, settings)
+    signal.signal(signal.SIGTERM, interrupted)
+    lock = open(os.path.join(args.out, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"error: another scripts/reproduce.py is running in {args.out}")
+
+    jobs = [(slug, seed) for slug in args.rows for seed in seeds_of(ROW[slug], settings)
+            if seed is None or seed in args.seeds]
+    todo = [(slug, seed) for slug, seed in jobs
+            if not os.path.isfile(os.path.join(row_dir(args.out, ROW[slug], seed), "eval.json"))]
+    print(f"{args.out}: {len(jobs) - len(todo)} of {len(jobs)} row-seeds done, {len(todo)} to compute "
+          f"({settings['mode']} settings, --jobs {args.jobs})", flush=True)
+    t_start = time.perf_counter()
+
+    def finished(slug, seed):
+        path = os.path.join(row_dir(args.out, ROW[slug], seed), "eval.json")
+        r = read_json(path)
+        ppl = " ".join(f"{v['ppl']:.1f}" for v in r["ppl"].values())
+        acc = " ".join(f"{v:.2f}" for v in r["passkey"].values())
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {slug}{'' if seed is None else f' seed {seed}'}: ppl {ppl}; "
+              f"passkey {acc}", flush=True)
+        write_results(args.out, settings, args.rows)
+
+    try:
+        if args.jobs == 1:
+            for slug, seed in todo:
+                run_row_seed(slug, seed, settings, args.out, args.threads)
+                finished(slug, seed)
+        else:
+            context = multiprocessing.get_context("spawn")
+            pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context)
+            try:
+                futures = {pool.submit(_worker, slug, seed, settings, args.out, args.threads): (slug, seed)
+                           for slug, seed in todo}
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()
+                    finished(*futures[future])
+            except BaseException:  # an error or an interruption: stop the other row-seed too (it resumes later)
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    process.terminate()
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)  # a failure or Ctrl-C: nothing new starts
+    except KeyboardInterrupt:
+        sys.exit(f"\ninterrupted: finished row-seeds are kept in {args.out}; the same command resumes")
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
+    _, md = write_results(args.out, settings, args.rows)
+    print(md)
+    print(f"\n{len(todo)} row-seeds computed in {(time.perf_counter() - t_start) / 60:.1f} min; "
+          f"{args.out}/results.md, results.json and the plots written", flush=True)
 
 
 if __name__ == "__main__":

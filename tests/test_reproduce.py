@@ -1,0 +1,285 @@
+"""The toy reproduction's data and bookkeeping (results/toy/DESIGN.md): the replay pool, its independence from the
+method, the answer-target census, and scripts/reproduce.py's refusal to publish a quick or partial run."""
+import hashlib
+import json
+import os
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train
+from passkey import TASK, prompt_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import census  # noqa: E402
+import make_replay  # noqa: E402
+import reproduce  # noqa: E402
+
+TINY = os.path.join(ROOT, "assets", "tiny")
+POOL = os.path.join(ROOT, "assets", "replay", "passkey-256.npz")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return data.Tokenizer(TINY)
+
+
+@pytest.fixture(scope="module")
+def patterns(tokenizer):
+    return census.Patterns(tokenizer)
+
+
+def resolved(*argv):
+    return train.resolve_args(train.parse_args(["--target", "2048", "--replay", POOL, "--replay-batch", "4",
+                                                *argv]), world=1, device=torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the pool
+
+def test_pool_windows_hold_whole_episodes(tokenizer, patterns):
+    with np.load(POOL) as f:
+        ids, targets, lengths = f["input_ids"].astype(np.int64), f["targets"].astype(np.int64), f["lengths"]
+        episodes, columns = f["episodes"], list(f["episode_columns"])
+        meta = json.loads(str(f["meta"]))
+    assert ids.shape == targets.shape == (2000, 256) and meta["seed"] == 3
+    assert (ids[:, 0] == tokenizer.start_id).all()
+    col = {name: episodes[:, columns.index(name)] for name in columns}
+    assert np.array_equal(np.bincount(col["window"], minlength=2000) > 0, np.ones(2000, bool))  # no empty window
+    for w in range(2000):
+        n = lengths[w]
+        assert np.array_equal(targets[w, :n - 1], ids[w, 1:n])
+        assert (targets[w, n - 1:] == -100).all() and (ids[w, n:] == tokenizer.eos_id).all()
+        text = tokenizer.decode(ids[w, :n])
+        parts = text.split("\n\n")
+        mine = episodes[col["window"] == w]
+        assert len(parts) == len(mine)
+        for part, row in zip(parts, mine):
+            key = row[columns.index("passkey")]
+            n_filler = row[columns.index("n_filler")]
+            # the whole episode, exactly: the prompt with its key at some depth, then the answer
+            candidates = [prompt_text(key, n_filler, b) + f" {key}." for b in range(n_filler + 1)]
+            assert part in candidates, part
+            assert part.startswith(TASK)
+        # the metadata's spans tile the window and point at the key line, question and answer of each episode
+        assert mine[0][columns.index("start")] == 0 and mine[-1][columns.index("end")] == n
+        key_lines, questions = census.scan(ids[w, :n], patterns)
+        assert [k[1] for k in key_lines] == list(mine[:, columns.index("key")])
+        assert [q[1] for q in questions] == list(mine[:, columns.index("answer")])
+        assert [int(k[2]) for k in key_lines] == [int(q[2]) for q in questions] == list(mine[:, -1])
+    assert len(tokenizer.encode(prompt_text(99999, meta["filler_cap"] + 1, 0) + " 99999.")) > 256
+
+
+def test_pool_is_reproducible(tokenizer):
+    """make_replay.py with the pool's arguments makes the same windows (the first 50 of them, drawn in order)."""
+    ids, targets, lengths, episodes, cap = make_replay.build(tokenizer, 256, 50, 3)
+    with np.load(POOL) as f:
+        assert np.array_equal(ids, f["input_ids"][:50]) and np.array_equal(targets, f["targets"][:50])
+        assert np.array_equal(episodes, f["episodes"][:len(episodes)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the replay stream is the method's business in no way
+
+def test_replay_windows_do_not_depend_on_the_method():
+    pool = data.ReplayPool(POOL)
+    arms = [resolved("--method", "pose"), resolved("--method", "pose", "--chunks", "3", "--content", "contiguous"),
+            resolved("--method", "pose", "--content", "aligned", "--rope", "ntk"),
+            resolved("--method", "full", "--batch-size", "2", "--micro-batch-size", "2"),
+            resolved("--method", "full", "--rope", "none"), resolved("--method", "pi", "--rope", "linear"),
+            resolved("--method", "randpos", "--batch-size", "8", "--rope", "yarn:8,beta_fast=4,beta_slow=1")]
+    first = [train.replay_windows(step, arms[0], pool) for step in range(100)]
+    for arm in arms[1:]:
+        for step in range(100):
+            ids, targets = train.replay_windows(step, arm, pool)
+            assert np.array_equal(ids, first[step][0]) and np.array_equal(targets, first[step][1])
+    other = resolved("--method", "pose", "--seed", "1")
+    differ = [not np.array_equal(train.replay_windows(step, other, pool)[0], first[step][0]) for step in range(100)]
+    assert all(differ)
+    assert len({tuple(pool.indices(0, step, 4)) for step in range(100)}) == 100
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the census
+
+def test_census_counts_own_other_and_none(tokenizer, patterns):
+    own = prompt_text(11111, 6, 2) + " 11111."
+    other = ("\n".join([TASK, "The pass key is 22222. Remember it. 22222 is the pass key.", "The sky is blue.",
+                        "What is the pass key? The pass key is 33333."]))
+    none = "\n".join([TASK, "The grass is green.", "What is the pass key? The pass key is 44444."])
+    unanswered = "\n".join([TASK, "The pass key is 55555. Remember it.", "What is the pass key? The pass key is"])
+    counts = census.empty_counts()
+    for text in (own, other, none, unanswered):
+        census.count_example(counts, tokenizer.encode(text), None, None, patterns)
+    assert counts["answers"] == 3 and counts["questions"] == 4 and counts["key_lines"] == 3
+    assert counts["own"]["<256"] == 1 and counts["other"] == 1 and counts["none"] == 1
+
+    # the distance is in model positions: a skip of 300 between the key line and the question
+    ids = np.array(tokenizer.encode(own))
+    (question, answer, _), = census.scan(ids, patterns)[1]
+    positions = np.arange(len(ids)) + np.where(np.arange(len(ids)) >= question, 300, 0)
+    counts = census.count_example(census.empty_counts(), ids, positions, None, patterns)
+    assert counts["own"]["256-511"] == 1 and counts["own"]["<256"] == 0
+    # an answer nothing is trained to predict is not an answer target
+    targets = np.append(ids[1:], -100)
+    targets[answer - 1] = -100
+    assert census.count_example(census.empty_counts(), ids, None, targets, patterns)["answers"] == 0
+    # a later episode's key line does not count for an earlier question; two episodes: two own answers
+    two = tokenizer.encode(own + "\n\n" + prompt_text(66666, 3, 3) + " 66666.")
+    counts = census.count_example(census.empty_counts(), two, None, None, patterns)
+    assert counts["own"]["<256"] == 2 and counts["other"] == 0
+
+
+def test_arm_census_on_a_synthetic_pool(tmp_path, monkeypatch, tokenizer):
+    """A pool of 4 windows (own, other, none, no episode) read whole at each of 3 steps, beside books without any
+    passkey text."""
+    monkeypatch.setenv("POSE_CACHE", str(tmp_path / "cache"))
+    texts = [prompt_text(11111, 2, 1) + " 11111.",
+             "\n".join([TASK, "The pass key is 22222. Remember it.", "What is the pass key? The pass key is 33333."]),
+             "\n".join([TASK, "What is the pass key? The pass key is 44444."]), "The grass is green."]
+    ids = np.full((4, 128), tokenizer.eos_id)
+    targets = np.full((4, 128), -100)
+    for w, text in enumerate(texts):
+        tokens = tokenizer.encode(text)
+        assert len(tokens) <= 128
+        ids[w, :len(tokens)], targets[w, :len(tokens) - 1] = tokens, tokens[1:]
+    np.savez(tmp_path / "pool.npz", input_ids=ids, targets=targets)
+    books = tmp_path / "books.txt"
+    books.write_text("And the king said unto them, Go ye and see. " * 200)
+    result = census.arm_census(["--model", TINY, "--data", str(books), "--target", "512", "--train-len", "128",
+                                "--method", "pose", "--steps", "3", "--batch-size", "2", "--replay",
+                                str(tmp_path / "pool.npz"), "--replay-batch", "4"])
+    method, replay = result["method"], result["replay"]
+    assert method["examples"] == 6 and method["tokens"] == 6 * 128 and method["answers"] == 0
+    assert method["mentions"] == method["key_lines"] == method["questions"] == 0
+    assert replay["examples"] == 12 and replay["answers"] == 9
+    assert replay["own"]["<256"] == 3 and replay["other"] == 3 and replay["none"] == 3
+    assert replay["tokens"] == 3 * sum(len(tokenizer.encode(t)) for t in texts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reproduce.py: rows, settings, and publishing
+
+def test_rows_and_settings(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    assert all(row.slug in shown and row.label in shown for row in reproduce.ROWS)
+    design, quick = reproduce.design_settings(), reproduce.design_settings(quick=True)
+    assert (design["steps"], design["batch_size"], design["replay_batch"], design["seeds"]) == (100, 16, 4, [0, 1, 2])
+    assert (quick["steps"], quick["batch_size"], quick["replay_batch"], quick["seeds"]) == (10, 8, 2, [0])
+    token = reproduce.row_train_args(reproduce.ROW["full-token"], design, 1)
+    assert token[-4:] == ["--batch-size", "2", "--micro-batch-size", "2"] and "--seed" in token
+    assert reproduce.row_train_args(reproduce.ROW["full-token"], quick, 0)[-1] == "1"
+    args, _ = reproduce.parse_args(["--quick"])
+    assert args.rows == [r.slug for r in reproduce.ROWS] and args.out.endswith("reproduce-quick")
+    args, _ = reproduce.parse_args([])
+    assert "full-linear" not in args.rows and "direct" in args.rows and args.out.endswith(os.path.join("out",
+                                                                                                     "reproduce"))
+    # the train.py arguments of every row resolve
+    for row in reproduce.ROWS:
+        if row.train:
+            a = train.resolve_args(train.parse_args(reproduce.row_train_args(row, design, 0, ROOT)), world=1,
+                                   device=torch.device("cpu"))
+            assert a.replay_batch == 4 and a.steps == 100 and a.replay_weight == pytest.approx(
+                4 / (a.batch_size + 4))
+
+
+def fake_eval(settings, slug, seed):
+    """An eval.json as run_row_seed writes it, with made-up numbers."""
+    rng = np.random.default_rng([zlib.crc32(slug.encode()), seed or 0])
+    records = [[n, t, float(rng.random()), 12345, n, "12345", bool(rng.random() < 0.5)]
+               for n in settings["passkey_lengths"] for t in range(settings["passkey_trials"])]
+    result = {"row": slug, "label": reproduce.ROW[slug].label, "seed": seed, "settings": settings,
+              "ppl": {str(c): {"ppl": 40 + rng.random(), "nll": 1.0, "tokens": 10} for c in settings["ctx"]},
+              "passkey": {str(n): float(rng.random()) for n in settings["passkey_lengths"]},
+              "records": {"fields": list(reproduce.RECORD_FIELDS), "rows": records},
+              "rope_scaling": None, "rope": "none", "git": {"commit": "0" * 40, "dirty": False},
+              "cost": {"eval_wall_s": 1.0, "eval_loadavg_start": [1, 1, 1], "eval_loadavg_end": [1, 1, 1]}}
+    if seed is not None:
+        counts = census.empty_counts()
+        result["census"] = {"method": counts, "replay": counts, "steps": 1, "seed": seed}
+        result["cost"].update(seconds_per_step=0.5, peak_mem_gb=1.0, steps=1, method_tokens_per_step=4096,
+                              final_loss=3.0, final_replay_loss=0.1, train_wall_s=60.0,
+                              train_attempts=[{"resume": False, "threads": None, "seconds": 60.0,
+                                               "loadavg_start": [1, 1, 1], "loadavg_end": [1, 1, 1]}])
+    return result
+
+
+def fake_out(path, settings, done):
+    """A --out holding settings.json and the eval.json of each (slug, seed) in `done`."""
+    os.makedirs(path, exist_ok=True)
+    reproduce.write_json(os.path.join(path, "settings.json"), settings)
+    for slug, seed in done:
+        folder = reproduce.row_dir(str(path), reproduce.ROW[slug], seed)
+        os.makedirs(folder, exist_ok=True)
+        reproduce.write_json(os.path.join(folder, "eval.json"), fake_eval(settings, slug, seed))
+    return str(path)
+
+
+def tree_digest(folder):
+    h = hashlib.sha256()
+    for d, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            h.update(name.encode())
+            h.update(open(os.path.join(d, name), "rb").read())
+    return h.hexdigest()
+
+
+def test_publish_refuses_quick_partial_and_other_settings(tmp_path):
+    dest = tmp_path / "results"
+    dest.mkdir()
+    (dest / "results.md").write_text("the committed results\n")
+    before = tree_digest(dest)
+    design, quick = reproduce.design_settings(), reproduce.design_settings(quick=True)
+    rows = ["original", "pose-n2"]
+    everything = [("original", None)] + [("pose-n2", s) for s in (0, 1, 2)]
+    cases = {
+        "quick": (fake_out(tmp_path / "quick", quick, [("original", None), ("pose-n2", 0)]), "--quick run"),
+        "partial": (fake_out(tmp_path / "partial", design, everything[:-1]), "pose-n2 seed 2"),
+        "settings": (fake_out(tmp_path / "settings", dict(design, steps=50), everything), "settings other"),
+        "empty": (str(tmp_path / "empty"), "no settings.json"),
+    }
+    for name, (out, message) in cases.items():
+        with pytest.raises(reproduce.PublishError, match=message):
+            reproduce.publish(out, rows, dest=str(dest))
+        assert tree_digest(dest) == before, name
+    # the command itself: an error, and results/ of the repository untouched
+    committed = tree_digest(reproduce.RESULTS)
+    for argv in (["--publish", "--out", cases["quick"][0]], ["--publish", "--out", cases["partial"][0], "--rows",
+                                                             ",".join(rows)]):
+        with pytest.raises(SystemExit) as e:
+            reproduce.main(argv)
+        assert "error" in str(e.value)
+    with pytest.raises(SystemExit):
+        reproduce.main(["--publish", "--quick", "--out", cases["quick"][0]])
+    assert tree_digest(reproduce.RESULTS) == committed
+
+    # finished rows of a design run: published, with every seed's numbers and their mean and deviation
+    out = fake_out(tmp_path / "done", design, everything)
+    written = reproduce.publish(out, rows, dest=str(dest))
+    assert sorted(os.listdir(dest)) == sorted(reproduce.PUBLISHED)
+    assert len(written) == len(reproduce.PUBLISHED)
+    results = json.load(open(dest / "results.json"))
+    pose = results["rows"]["pose-n2"]
+    assert sorted(pose["per_seed"]) == ["0", "1", "2"] and set(results["rows"]) == set(rows)
+    values = [pose["per_seed"][s]["ppl"]["2048"]["ppl"] for s in "012"]
+    assert pose["summary"]["ppl"]["2048"]["mean"] == pytest.approx(np.mean(values))
+    assert pose["summary"]["ppl"]["2048"]["std"] == pytest.approx(np.std(values, ddof=1))
+    md = (dest / "results.md").read_text()
+    assert not md.startswith(reproduce.SMOKE) and "±" in md and "Pending" not in md
+
+
+def test_quick_results_are_labelled(tmp_path):
+    quick = reproduce.design_settings(quick=True)
+    out = fake_out(tmp_path / "quick", quick, [("original", None), ("pose-n2", 0)])
+    _, md = reproduce.write_results(out, quick, ["original", "pose-n2", "randpos"])
+    assert md.startswith(reproduce.SMOKE) and open(os.path.join(out, "results.md")).read() == md
+    assert "Pending (not all seeds computed): RandPos" in md
+    with pytest.raises(SystemExit):  # a --out keeps its settings
+        reproduce.check_out(out, reproduce.design_settings())
