@@ -1,5 +1,6 @@
 """The bundled tiny base model and corpus (assets/): what the README's first command and the toy reproduction rely
 on. Cheap checks only; the reproduction itself (scripts/reproduce.py) is not part of the test suite."""
+import json
 import os
 import subprocess
 import sys
@@ -62,4 +63,7 @@ def test_main_command_runs_on_the_bundled_defaults(tmp_path):
     assert "next: python evaluate.py" in res.stdout
     extended = LLaMA.from_pretrained(out)
     assert extended.cfg.max_position_embeddings == 512
-    assert extended.cfg.rope_scaling == {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256}
+    assert extended.cfg.rope_scaling == {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256,
+                                         "beta_fast": 4.0, "beta_slow": 1.0}  # the tiny recipe (results/toy/DESIGN.md)
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert all("replay_loss" in e for e in log)  # the recipe's replay stream
