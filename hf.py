@@ -438,6 +438,9 @@ def replace_atomically(path, write):
     tmp = os.path.join(folder, f".{root}.{os.getpid()}.tmp{ext}")
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a plain file's permissions (safetensors writes 0600)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -172,3 +172,16 @@ def test_every_script_on_a_tokenizer_json_checkpoint(hf_tokenizer_dirs, tmp_path
     assert header.startswith("passkey retrieval") and len(table) == 3 and table[2].startswith("| 256 | 256 | 2 |")
     prompt = passkey.make_prompt(tok, 256, 12345, 0.5)
     assert prompt.ids[0] == tok.eos_id and len(prompt.ids) <= 256
+
+
+def test_exported_files_have_plain_permissions(tmp_path):
+    """Every exported file is readable by others, as a plain file is under the umask (safetensors writes 0600)."""
+    import stat
+
+    from model import LLaMA, ModelConfig
+    LLaMA(ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, intermediate_size=32)) \
+        .save_pretrained(str(tmp_path / "m"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp_path / "m"):
+        assert stat.S_IMODE(os.stat(tmp_path / "m" / name).st_mode) == 0o666 & ~umask, name
