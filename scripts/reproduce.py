@@ -324,7 +324,10 @@ def _worker(slug, seed, settings, out, threads):  # a --jobs 2 process
     import torch
     signal.signal(signal.SIGTERM, interrupted)
     torch.set_num_threads(1)
-    return run_row_seed(slug, seed, settings, out, threads)
+    try:
+        return run_row_seed(slug, seed, settings, out, threads)
+    except KeyboardInterrupt:  # stopped by the main process: end this worker, or the pool hands it the next job
+        os._exit(130)
 
 
 # ----------------------------------------------------------------------------------------------------------------
