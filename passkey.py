@@ -222,21 +222,28 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def draw_accuracy_grid(ax, records, lengths, bins, fontsize=7):
+    """The accuracy heatmap of `records` on a matplotlib axis: length (rows) x depth bin (columns), each cell annotated.
+    Returns the image (for a colorbar)."""
+    grid = accuracy_grid(records, lengths, bins)
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(lengths)):
+        for j in range(bins):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=fontsize)
+    ax.set_xticks(range(bins), [f"{j / bins:.1f}" for j in range(bins)], fontsize=fontsize + 1)
+    ax.set_yticks(range(len(lengths)), [str(n) for n in lengths], fontsize=fontsize + 1)
+    return image
+
+
 def write_plot(path, records, lengths, bins, title):
     """Accuracy heatmap, length (rows) x depth bin (columns), each cell annotated."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = accuracy_grid(records, lengths, bins)
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * bins, 1.2 + 0.45 * len(lengths)))
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    for i in range(len(lengths)):
-        for j in range(bins):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_xticks(range(bins), [f"{j / bins:.1f}" for j in range(bins)], fontsize=8)
-    ax.set_yticks(range(len(lengths)), [str(n) for n in lengths], fontsize=8)
+    image = draw_accuracy_grid(ax, records, lengths, bins)
     ax.set_xlabel("depth of the key (bin start, fraction of the filler)")
     ax.set_ylabel("prompt length (tokens)")
     ax.set_title(title, fontsize=9)

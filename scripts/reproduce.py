@@ -518,7 +518,6 @@ def plots(results, folder):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    import numpy as np
 
     import passkey
 
@@ -559,14 +558,7 @@ def plots(results, folder):
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, (slug, entry) in zip(axes.flat, rows.items()):
-        grid = passkey.accuracy_grid(records_of(entry), lengths, bins)
-        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        for i in range(len(lengths)):
-            for j in range(bins):
-                if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6)
-        ax.set_xticks(range(bins), [f"{j / bins:.1f}" for j in range(bins)], fontsize=6)
-        ax.set_yticks(range(len(lengths)), [str(x) for x in lengths], fontsize=6)
+        image = passkey.draw_accuracy_grid(ax, records_of(entry), lengths, bins, fontsize=6)
         ax.set_title(f"{entry['label']} ({seeds_label(entry)})", fontsize=7)
         ax.set_xlabel("key depth (bin start)", fontsize=6)
     if image is not None:

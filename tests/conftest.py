@@ -57,6 +57,21 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    """Real text: the sources of three Python standard library modules, one document each (a .jsonl file)."""
+    import argparse
+    import difflib
+    import json
+    import textwrap
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(path, "w") as f:
+        for module in (argparse, difflib, textwrap):
+            f.write(json.dumps({"text": open(module.__file__).read()}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def hf_tokenizer_dirs(tmp_path_factory):
     """Two tokenizer.json-only tokenizers: byte-level BPE (vocab 400) trained by the `tokenizers` library on a bundled
     book (< 0.1 s), each a directory holding tokenizer.json and tokenizer_config.json, as LLaMA 3 and Qwen2 ship them:

@@ -36,16 +36,6 @@ def one_line_error(proc, match):
     assert match in lines[0], (match, lines[0])
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    import argparse as a, difflib as b, textwrap as c  # noqa: E401
-    with open(path, "w") as f:
-        for module in (a, b, c):
-            f.write(json.dumps({"text": open(module.__file__).read()}) + "\n")
-    return str(path)
-
-
 def with_weights(src, dst, edit):
     shutil.copytree(src, dst)
     state = load_file(os.path.join(dst, "model.safetensors"))
@@ -103,14 +93,14 @@ TRAIN_CASES = [  # (arguments over the defaults of test_train_bad_input, the lin
 
 
 @pytest.mark.parametrize("over,match", TRAIN_CASES, ids=[m for _, m in TRAIN_CASES])
-def test_train_bad_input(over, match, tmp_path, bad, tiny_model_dir, corpus, monkeypatch, capsys):
+def test_train_bad_input(over, match, tmp_path, bad, tiny_model_dir, text_corpus, monkeypatch, capsys):
     """train.main in this process (a fresh one-process gloo group per case): exit 1, one line, nothing written."""
     import train
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("POSE_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    args = {"--model": tiny_model_dir, "--data": corpus, "--target": 128, "--steps": 2, "--batch-size": 2,
+    args = {"--model": tiny_model_dir, "--data": text_corpus, "--target": 128, "--steps": 2, "--batch-size": 2,
             "--out": "out"}
     args.update(zip(over[::2], over[1::2]))
     before = snapshot(bad)
@@ -122,17 +112,17 @@ def test_train_bad_input(over, match, tmp_path, bad, tiny_model_dir, corpus, mon
     assert snapshot(bad) == before and not os.path.exists(tmp_path / "out")
 
 
-def test_bad_input_from_the_command_line(tmp_path, bad, tiny_model_dir, corpus):
+def test_bad_input_from_the_command_line(tmp_path, bad, tiny_model_dir, text_corpus):
     """Each script's command line, run as users run it: exit 1, one line, nothing written."""
     import data
     prepared = str(tmp_path / "prepared")  # a prepared dataset: no preparation message before the error
-    data.prepare(corpus, data.Tokenizer(tiny_model_dir), prepared, verbose=False)
+    data.prepare(text_corpus, data.Tokenizer(tiny_model_dir), prepared, verbose=False)
     cases = [
-        ("train.py", ["--model", bad / "nan", "--data", corpus, "--target", 128, "--out", "o"], "holds NaN"),
+        ("train.py", ["--model", bad / "nan", "--data", text_corpus, "--target", 128, "--out", "o"], "holds NaN"),
         ("evaluate.py", ["--model", bad / "nan", "--data", prepared, "--ctx", 32, "--docs", 3], "holds NaN"),
         ("passkey.py", ["--model", bad / "nan", "--lengths", 300], "holds NaN"),
         ("passkey.py", ["--model", tiny_model_dir, "--json", tmp_path / "no" / "x.json"], "does not exist"),
-        ("data.py", ["--input", corpus, "--tokenizer", bad / "badtok", "--out", "d/x"], "cannot load tokenizer"),
+        ("data.py", ["--input", text_corpus, "--tokenizer", bad / "badtok", "--out", "d/x"], "cannot load tokenizer"),
         ("coverage.py", ["--chunks", 0], "--chunks values must be in"),
         ("coverage.py", ["--no-such-flag"], "unrecognized arguments"),
     ]
@@ -154,30 +144,30 @@ def train_args(model, data, out, **over):
     return [x for k, v in args.items() for x in ((k,) if v is True else (k, v))]
 
 
-def test_resume_checks_its_arguments_and_extension_composes(tmp_path, tiny_model_dir, corpus):
+def test_resume_checks_its_arguments_and_extension_composes(tmp_path, tiny_model_dir, text_corpus):
     out = tmp_path / "run"
-    first = start("train.py", *train_args(tiny_model_dir, corpus, out), cwd=str(tmp_path))
+    first = start("train.py", *train_args(tiny_model_dir, text_corpus, out), cwd=str(tmp_path))
     assert first.wait(timeout=120) == 0, first.communicate()[1]
     assert os.path.isfile(out / ".pose-run")
     # a fresh run into a finished run directory, and a resume that would change the run: refused
     before = snapshot(out)
-    procs = [(start("train.py", *train_args(tiny_model_dir, corpus, out), cwd=str(tmp_path)), "already holds a run"),
-             (start("train.py", *train_args(tiny_model_dir, corpus, out, **{"--target": 256, "--batch-size": 4,
+    procs = [(start("train.py", *train_args(tiny_model_dir, text_corpus, out), cwd=str(tmp_path)), "already holds a run"),
+             (start("train.py", *train_args(tiny_model_dir, text_corpus, out, **{"--target": 256, "--batch-size": 4,
                                                                             "--resume": True}), cwd=str(tmp_path)),
               "--resume: these would change the run, refused: --target 128 -> 256; --batch-size 2 -> 4"),
              # an extended checkpoint (yarn x2 over 64) cannot take another interpolation
-             (start("train.py", *train_args(out, corpus, tmp_path / "ext", **{"--rope": "linear"}),
+             (start("train.py", *train_args(out, text_corpus, tmp_path / "ext", **{"--rope": "linear"}),
                     cwd=str(tmp_path)), "already extended with yarn:2 over 64 tokens: --rope linear cannot compose")]
     for proc, match in procs:
         one_line_error(proc, match)
     assert snapshot(out) == before
     # what may change on --resume does, and the log says so; a temporary file of a killed command is removed
     (out / ".config.12345.tmp.json").write_text("{")
-    resumed = start("train.py", *train_args(tiny_model_dir, corpus, out, **{"--steps": 6, "--keep": 1,
+    resumed = start("train.py", *train_args(tiny_model_dir, text_corpus, out, **{"--steps": 6, "--keep": 1,
                                                                             "--resume": True}), cwd=str(tmp_path))
     assert resumed.wait(timeout=120) == 0, resumed.communicate()[1]
     # extending the extended model keeps its geometry: yarn x2 over 64 -> yarn x4 over 64
-    extended = start("train.py", *train_args(out, corpus, tmp_path / "ext", **{"--target": 256, "--steps": 1}),
+    extended = start("train.py", *train_args(out, text_corpus, tmp_path / "ext", **{"--target": 256, "--steps": 1}),
                      cwd=str(tmp_path))
     assert extended.wait(timeout=120) == 0, extended.communicate()[1]
     log = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -189,10 +179,10 @@ def test_resume_checks_its_arguments_and_extension_composes(tmp_path, tiny_model
     assert config["max_position_embeddings"] == 256
 
 
-def test_ctrl_c(tmp_path, tiny_model_dir, corpus):
+def test_ctrl_c(tmp_path, tiny_model_dir, text_corpus):
     """Ctrl-C: one line naming the last checkpoint and the resuming command, exit 130; passkey.py: one line, 130."""
     out = tmp_path / "run"
-    run = start("train.py", *train_args(tiny_model_dir, corpus, out, **{"--steps": 400, "--save-every": 2}),
+    run = start("train.py", *train_args(tiny_model_dir, text_corpus, out, **{"--steps": 400, "--save-every": 2}),
                 cwd=str(tmp_path))
     pk = start("passkey.py", "--lengths", 256, "--trials", 100000, cwd=str(tmp_path))  # the bundled model
     deadline = time.time() + 120

@@ -164,19 +164,6 @@ def test_kill_tree_reaches_workers_in_their_own_session():
             open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
 
 
-@pytest.fixture(scope="module")
-def text_corpus(tmp_path_factory):
-    """Real text: some Python standard library sources, one document each."""
-    import argparse
-    import difflib
-    import textwrap
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with open(path, "w") as f:
-        for module in (argparse, difflib, textwrap):
-            f.write(json.dumps({"text": open(module.__file__).read()}) + "\n")
-    return str(path)
-
-
 FAKE_TORCHRUN = """
 import json, os, subprocess, sys, time
 out, steps, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
