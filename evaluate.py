@@ -65,12 +65,11 @@ import cli
 import data
 import hf
 from model import LLaMA
-from rope import describe_rope, original_window, scaling_from_spec, supported_window
+from rope import CHECKPOINT, describe_rope, original_window, scaling_from_spec, supported_window
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
 DEFAULT_DATA = os.path.join(HERE, "assets", "books", "eval")  # held-out public-domain plays
-CHECKPOINT = "checkpoint"  # the --rope value that keeps the checkpoint's own scaling
 DEFAULT_DOCS = 50  # the paper's 50 documents of GovReport / Proof-pile (section 4.2)
 
 
@@ -188,8 +187,7 @@ def parse_args(argv=None):
         p.error(f"--original-len must be >= 1, got {args.original_len}")
     try:
         for spec in args.rope:
-            if spec != CHECKPOINT:
-                scaling_from_spec(spec, 2048)  # syntax only: the original window is the model's, known once loaded
+            scaling_from_spec(spec, 2048)  # syntax only: the original window is the model's, known once loaded
         if args.json:
             cli.check_out_path("--json", args.json)
     except ValueError as e:
@@ -230,7 +228,7 @@ def main(argv=None):
         own = model.cfg.rope_scaling
         original = args.original_len or original_window(own, model.cfg.max_position_embeddings)
         for spec in args.rope:  # the same weights under each rotary scaling
-            model.set_rope_scaling(own if spec == CHECKPOINT else scaling_from_spec(spec, original))
+            model.set_rope_scaling(scaling_from_spec(spec, original, checkpoint=own))
             scaling = model.cfg.rope_scaling
             supported, rope = supported_window(scaling, original), describe_rope(scaling)
             over = [c for c in args.ctx if c > supported]

@@ -49,10 +49,9 @@ import cli
 import hf
 from data import Tokenizer
 from model import KVCache, LLaMA
-from rope import describe_rope, original_window, rope_type, scaling_from_spec, supported_window
+from rope import CHECKPOINT, describe_rope, original_window, rope_type, scaling_from_spec, supported_window
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # the bundled base
-CHECKPOINT = "checkpoint"  # the --rope value that keeps the checkpoint's own scaling
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -297,8 +296,7 @@ def parse_args(argv=None):
             cli.positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
         if args.original_len is not None:
             cli.positive("--original-len", args.original_len)
-        if args.rope != CHECKPOINT:
-            scaling_from_spec(args.rope, 2048)  # syntax only: the original window is the model's
+        scaling_from_spec(args.rope, 2048)  # syntax only: the original window is the model's
         if args.json:
             cli.check_out_path("--json", args.json)
         if args.plot:
@@ -319,7 +317,7 @@ def main(argv=None):
     model = LLaMA.from_pretrained(args.model, dtype=cli.torch_dtype(args.dtype, args.device), device=args.device)
     own = model.cfg.rope_scaling
     original = args.original_len or original_window(own, model.cfg.max_position_embeddings)
-    model.set_rope_scaling(own if args.rope == CHECKPOINT else scaling_from_spec(args.rope, original))
+    model.set_rope_scaling(scaling_from_spec(args.rope, original, checkpoint=own))
     scaling = model.cfg.rope_scaling
     supported = supported_window(scaling, original)
     lengths = args.lengths or default_lengths(original, supported)
