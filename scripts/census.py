@@ -20,7 +20,6 @@ Lines are found as token sequences, tokenized in the context they have in an epi
 census reads exactly what the model reads, for any stream: the books of the method stream (expected: no answer at
 all) and the replay pool (expected: every answer "own", < 256 positions, the same counts in every arm of a seed).
 """
-import argparse
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cli  # noqa: E402
 from passkey import FILLER, QUESTION  # noqa: E402
 
 KEY_LINE_HEAD = "The pass key is"  # passkey.KEY_LINE up to the key
@@ -179,7 +179,7 @@ def format_counts(c):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     p.add_argument("--json", default=None, help="write the census to this file")
     p.add_argument("-h", "--help", action="store_true")
     args, rest = p.parse_known_args()
@@ -198,4 +198,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -21,7 +21,6 @@ The .npz (train.py --replay, data.ReplayPool):
   meta       a JSON string: the command's arguments, the filler cap, the tokenizer file and its sha256
 Deterministic: the same arguments give the same file.
 """
-import argparse
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import census  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 from make_passkey_corpus import episode  # noqa: E402
 from passkey import prompt_text  # noqa: E402
@@ -105,7 +105,7 @@ def build(tokenizer, window, windows, seed):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", required=True, help="a tokenizer file or a checkpoint directory (assets/tiny)")
     p.add_argument("--window", type=int, default=256, help="tokens per window (the base model's window)")
     p.add_argument("--windows", type=int, default=2000, help="windows in the pool")
@@ -133,4 +133,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -52,6 +52,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+import cli  # noqa: E402
+
 BASE = "assets/tiny"  # paths relative to ROOT
 TRAIN_DATA = "assets/books/train"
 EVAL_DATA = "assets/books/eval"
@@ -629,7 +631,7 @@ def rows_help():
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=rows_help() + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--out", default=None, help="work directory (default out/reproduce; --quick: "
@@ -751,4 +753,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
