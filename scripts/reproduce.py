@@ -187,10 +187,22 @@ def git_state():
         return {"commit": None, "dirty": None}
 
 
+def write_atomically(path, write):
+    """write(tmp) on a temporary name with path's extension (matplotlib reads it), then rename to path."""
+    root, ext = os.path.splitext(path)
+    write(root + ".tmp" + ext)
+    os.replace(root + ".tmp" + ext, path)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomically(path, write)
+
+
 def write_json(path, obj, **kw):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, **kw)
-    os.replace(path + ".tmp", path)
+    write_text(path, json.dumps(obj, **kw))
 
 
 def read_json(path):
@@ -323,9 +335,7 @@ def run_row_seed(slug, seed, settings, out, threads=1):
 
 
 def _worker(slug, seed, settings, out, threads):  # a --jobs 2 process
-    import torch
     signal.signal(signal.SIGTERM, interrupted)
-    torch.set_num_threads(1)
     try:
         return run_row_seed(slug, seed, settings, out, threads)
     except KeyboardInterrupt:  # stopped by the main process: end this worker, or the pool hands it the next job
@@ -547,8 +557,7 @@ def plots(results, folder):
             ax.set_title(SMOKE, color="red")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(folder, name + ".tmp.png"), dpi=120)
-        os.replace(os.path.join(folder, name + ".tmp.png"), os.path.join(folder, name))
+        write_atomically(os.path.join(folder, name), lambda tmp: fig.savefig(tmp, dpi=120))
         plt.close(fig)
 
     lengths, bins = s["passkey_lengths"], s["depth_bins"]
@@ -567,8 +576,8 @@ def plots(results, folder):
         fig.colorbar(image, ax=axes.ravel().tolist(), label="accuracy", shrink=0.8)
     if s["mode"] == "quick":
         fig.suptitle(SMOKE, color="red")
-    fig.savefig(os.path.join(folder, "passkey_depth.tmp.png"), dpi=120, bbox_inches="tight")
-    os.replace(os.path.join(folder, "passkey_depth.tmp.png"), os.path.join(folder, "passkey_depth.png"))
+    write_atomically(os.path.join(folder, "passkey_depth.png"),
+                     lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -578,9 +587,7 @@ def write_results(out, settings, slugs, folder=None):
     results = collect(out, settings, slugs)
     write_json(os.path.join(folder, "results.json"), results, separators=(",", ":"))
     md = markdown(results)
-    with open(os.path.join(folder, "results.md.tmp"), "w") as f:
-        f.write(md)
-    os.replace(os.path.join(folder, "results.md.tmp"), os.path.join(folder, "results.md"))
+    write_text(os.path.join(folder, "results.md"), md)
     plots(results, folder)
     return results, md
 
