@@ -23,6 +23,7 @@ In code (train.py, evaluate.py):
     window = corpus.sample(rng, 2048)   # 2048 tokens of a document chosen with probability ~ its length
 """
 import argparse
+import fcntl
 import gzip
 import hashlib
 import json
@@ -256,18 +257,37 @@ def token_dtype(vocab_size):
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)  # LLaMA's 32000 fits in uint16
 
 
-def prepare(input_path, tokenizer, out, min_tokens=0, verbose=True):
-    """Tokenize `input_path` into OUT.bin / OUT.idx.npy / OUT.json, keeping documents of >= min_tokens tokens."""
+def prepare(input_path, tokenizer, out, min_tokens=0, verbose=True, reuse=False):
+    """Tokenize `input_path` into OUT.bin / OUT.idx.npy / OUT.json, keeping documents of >= min_tokens tokens.
+
+    Preparations into one directory take turns (an exclusive flock on the directory itself, so that no lock file is
+    left behind): two runs starting on a cold cache never remove or replace each other's files. reuse=True: if OUT is
+    complete once it is this call's turn (another process prepared it meanwhile), keep it and return None."""
     files = input_files(input_path)
     tok = load_tokenizer(tokenizer)
-    dtype = token_dtype(tok.vocab_size)
     out = os.path.abspath(out)
     created, d = [], os.path.dirname(out)  # directories made here, deepest first: removed again on failure
     while not os.path.isdir(d):
         created.append(d)
         d = os.path.dirname(d)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    for name in os.listdir(os.path.dirname(out)):  # what a killed preparation of OUT left behind
+    turn = os.open(os.path.dirname(out), os.O_RDONLY)
+    try:
+        fcntl.flock(turn, fcntl.LOCK_EX)  # waits while another process prepares into this directory
+        if reuse and os.path.isfile(out + ".json"):
+            return None
+        meta = _prepare(files, tok, input_path, out, min_tokens, created)
+    finally:
+        os.close(turn)  # releases the lock
+    if verbose:
+        print(describe_prepared(out, meta))
+    return meta
+
+
+def _prepare(files, tok, input_path, out, min_tokens, created):
+    """prepare()'s work, done in its turn."""
+    dtype = token_dtype(tok.vocab_size)
+    for name in os.listdir(os.path.dirname(out)):  # what a killed preparation of OUT left (no live one: it is our turn)
         if re.fullmatch(re.escape(os.path.basename(out)) + r"\.(bin|idx\.npy|json)\.tmp\d+", name):
             os.remove(os.path.join(os.path.dirname(out), name))
     tmp = {ext: f"{out}{ext}.tmp{os.getpid()}" for ext in (".bin", ".idx.npy", ".json")}
@@ -310,8 +330,6 @@ def prepare(input_path, tokenizer, out, min_tokens=0, verbose=True):
             if os.path.isdir(d) and not os.listdir(d):
                 os.rmdir(d)
         raise
-    if verbose:
-        print(describe_prepared(out, meta))
     return meta
 
 
@@ -457,8 +475,8 @@ def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None):
         cache_dir = cache_dir or os.environ.get("POSE_CACHE") or os.path.expanduser("~/.cache/pose")
         cached = os.path.join(cache_dir, f"{os.path.basename(os.path.abspath(path)).split('.')[0]}-{key}")
         if not os.path.isfile(cached + ".json"):
-            meta = prepare(path, tok, cached, min_tokens, verbose=False)
-            if sys.stderr.isatty():  # a progress message, shown where tqdm's bar is: piped stderr keeps warnings only
+            meta = prepare(path, tok, cached, min_tokens, verbose=False, reuse=True)
+            if meta is not None and sys.stderr.isatty():  # a progress message, shown where tqdm's bar is: piped stderr keeps warnings only
                 print(f"prepared {path} once, into the cache: {describe_prepared(cached, meta)}", file=sys.stderr)
         corpus = open_prepared(cached)
     else:

@@ -1,10 +1,13 @@
 """data.py: preparation round trip, input formats, filtering, cache, errors, atomicity and sampling."""
+import fcntl
 import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -150,6 +153,33 @@ def test_cache(tmp_path, tok, monkeypatch):
     changed = load_corpus(str(tmp_path / "books"), tokenizer=tok)
     assert len(calls) == 2 and changed[1].tolist() == tok.encode(DOCS[5] + " More.")
     assert len(list(cache.glob("*.json"))) == 3
+
+
+def test_preparations_into_one_cache_take_turns(tmp_path, tok):
+    """Two processes starting on a cold cache (reproduce.py's two workers): the second waits for the first's turn to
+    end, then loads its dataset instead of removing its temporaries or preparing it again."""
+    write_txt(tmp_path / "books/a.txt", DOCS[2])
+    write_txt(tmp_path / "books/b.txt", DOCS[5])
+    elsewhere, cache = tmp_path / "elsewhere", tmp_path / "cache"
+    expected = tokens_of(load_corpus(str(tmp_path / "books"), tokenizer=tok, cache_dir=str(elsewhere)))
+    cache.mkdir()
+    other = os.open(cache, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)  # "another process" is preparing into the cache
+    (cache / "books-0123.bin.tmp1").write_text("its temporary")
+    got = {}
+    waiting = threading.Thread(target=lambda: got.update(corpus=load_corpus(str(tmp_path / "books"), tokenizer=tok,
+                                                                            cache_dir=str(cache))))
+    waiting.start()
+    waiting.join(1.0)
+    assert waiting.is_alive() and os.listdir(cache) == ["books-0123.bin.tmp1"]  # waits, touching nothing
+    (cache / "books-0123.bin.tmp1").unlink()
+    for f in elsewhere.iterdir():  # the other process publishes the same dataset, then its turn ends
+        shutil.copy2(f, cache / f.name)
+    mtimes = {f.name: f.stat().st_mtime_ns for f in cache.iterdir()}
+    os.close(other)
+    waiting.join(10)
+    assert not waiting.is_alive() and tokens_of(got["corpus"]) == expected
+    assert {f.name: f.stat().st_mtime_ns for f in cache.iterdir()} == mtimes  # loaded, not prepared again
 
 
 def test_tokenizer_mismatch(tmp_path, tok):
