@@ -22,7 +22,6 @@ In code (train.py, evaluate.py):
     corpus = load_corpus("assets/books/train", tokenizer=tok)   # raw text: prepared into ~/.cache/pose once
     window = corpus.sample(rng, 2048)   # 2048 tokens of a document chosen with probability ~ its length
 """
-import argparse
 import fcntl
 import gzip
 import hashlib
@@ -37,6 +36,8 @@ from array import array
 import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
+
+import cli
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 BATCH_CHARS = 16 * 2**20  # documents go to the tokenizer ~16M characters at a time (one multithreaded call)
@@ -475,8 +476,9 @@ def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None):
         cache_dir = cache_dir or os.environ.get("POSE_CACHE") or os.path.expanduser("~/.cache/pose")
         cached = os.path.join(cache_dir, f"{os.path.basename(os.path.abspath(path)).split('.')[0]}-{key}")
         if not os.path.isfile(cached + ".json"):
-            meta = prepare(path, tok, cached, min_tokens, verbose=False, reuse=True)
-            if meta is not None and sys.stderr.isatty():  # a progress message, shown where tqdm's bar is: piped stderr keeps warnings only
+            meta = prepare(path, tok, cached, min_tokens, verbose=False, reuse=True)  # None: another process did
+            # a progress message, shown where tqdm's bar is: piped stderr keeps warnings only
+            if meta is not None and sys.stderr.isatty():
                 print(f"prepared {path} once, into the cache: {describe_prepared(cached, meta)}", file=sys.stderr)
         corpus = open_prepared(cached)
     else:
@@ -486,7 +488,7 @@ def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenize jsonl/txt documents into OUT.bin + OUT.idx.npy + OUT.json.")
+    p = cli.ArgumentParser(description="Tokenize jsonl/txt documents into OUT.bin + OUT.idx.npy + OUT.json.")
     p.add_argument("--input", required=True, help=".jsonl, .txt, .jsonl.gz, .txt.gz, or a directory of them")
     p.add_argument("--tokenizer", required=True,
                    help="tokenizer.model, tokenizer.json, or the directory of a checkpoint (see Tokenizer)")
@@ -494,10 +496,7 @@ def main(argv=None):
     p.add_argument("--min-tokens", type=int, default=0,
                    help="drop documents shorter than this (the start token, BOS, included)")
     args = p.parse_args(argv)
-    try:
-        prepare(args.input, args.tokenizer, args.out, args.min_tokens)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    cli.run(lambda: prepare(args.input, args.tokenizer, args.out, args.min_tokens))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,8 @@ def test_bad_input_from_the_command_line(tmp_path, bad, tiny_model_dir, text_cor
         ("passkey.py", ["--model", bad / "nan", "--lengths", 300], "holds NaN"),
         ("passkey.py", ["--model", tiny_model_dir, "--json", tmp_path / "no" / "x.json"], "does not exist"),
         ("data.py", ["--input", text_corpus, "--tokenizer", bad / "badtok", "--out", "d/x"], "cannot load tokenizer"),
+        ("data.py", ["--input", text_corpus, "--tokenizer", tiny_model_dir, "--out", bad / "nan" / "config.json" / "x"],
+         "File exists"),
         ("coverage.py", ["--chunks", 0], "--chunks values must be in"),
         ("coverage.py", ["--no-such-flag"], "unrecognized arguments"),
     ]
