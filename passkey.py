@@ -49,15 +49,10 @@ import cli
 import hf
 from data import Tokenizer
 from model import KVCache, LLaMA
+from prompts import FILLER, KEY_LINE, QUESTION, TASK, prompt_text  # noqa: F401 (passkey.TASK etc. for scripts)
 from rope import CHECKPOINT, describe_rope, original_window, rope_type, scaling_from_spec, supported_window
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # the bundled base
-
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-        "I will quiz you about the important information there.")
-FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
-KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,13 +67,6 @@ class Prompt(NamedTuple):
     @property
     def depth(self):
         return self.n_before / self.n_filler if self.n_filler else 0.0
-
-
-def prompt_text(key, n_filler, n_before):
-    """The task, n_filler sentences of the filler cycle with the key line after the first n_before, the question."""
-    sentences = [FILLER[i % len(FILLER)] for i in range(n_filler)]
-    parts = [TASK, " ".join(sentences[:n_before]), KEY_LINE.format(key=key), " ".join(sentences[n_before:]), QUESTION]
-    return "\n".join(p for p in parts if p)  # no empty line when the key is first or last
 
 
 def make_prompt(tokenizer, length, key, depth):
