@@ -8,11 +8,12 @@
 
 What it computes (DESIGN.md sections 5-9 and 12). Every fine-tuned row is `python train.py` from assets/tiny with
 the row's arguments, the recipe (target 2048, 100 steps x 16 examples, lr 2e-4, 10 warmup steps), the replay
-stream (--replay assets/replay/passkey-256.npz --replay-batch 4: the same windows in every row of a seed), --seed
-0, 1 and 2, checkpoints every 25 steps. The rows without training evaluate the base with a rotary scaling. Every
+stream (--replay assets/replay/passkey-256.npz --replay-batch 4 --replay-weight 0.2: the same windows, and the same
+weight, in every row of a seed), --seed 0, 1 and 2, checkpoints every 25 steps. The rows without training evaluate the base with a rotary scaling. Every
 model is evaluated by the functions, not the CLIs, on one thread: evaluate.perplexity on the 6 held-out plays (first
 4096 tokens each, stride 128) at 256, 512, 1024 and 2048 tokens, and passkey.run_passkey with 100 trials per length,
-seed 0 (the same prompts for every model; each trial's key depth is kept). Each fine-tuned run also gets its
+seed 0 (the same prompts for every model; each trial's key depth is kept), and recall.py's passkey at fixed
+distances 64 .. 1536 (50 trials each) and copy recall (DESIGN.md section 14, design v2). Each fine-tuned run also gets its
 answer-target census (scripts/census.py): what retrieval practice the method's examples and the replay windows hold.
 Two row-seeds run side by side (--jobs), each in its own process on one thread (--threads): on 2 shared cores a
 second torch thread per process mostly waits (10x slower steps were measured next to another 2-thread run).
@@ -25,7 +26,8 @@ OUT/results.md with the plots (ppl.png, passkey.png, passkey_depth.png) are rewr
 
 --publish computes nothing: it copies the results of the rows printed (--rows, default all) to results/toy/, and
 only when OUT was run with the design's settings (not --quick) and every printed row has all its seeds there;
-otherwise it is an error and results/ is untouched. Nothing else ever writes under results/.
+otherwise it is an error and results/ is untouched. Design v2 publishes into results/toy/v2/; results/toy/*.json|md
+are v1's (no recall; the token-matched row at replay weight 2/3), kept until v2 has every row. Nothing else ever writes under results/.
 
 --quick: every row (optional ones included), seed 0, 10 steps of 8 method examples + 2 replay windows (the
 token-matched Full-length: 1 example), warmup 2, perplexity on 1 play (first 2048 tokens), 5 passkey trials per
@@ -58,12 +60,13 @@ BASE = "assets/tiny"  # paths relative to ROOT
 TRAIN_DATA = "assets/books/train"
 EVAL_DATA = "assets/books/eval"
 REPLAY = "assets/replay/passkey-256.npz"
-RESULTS = os.path.join(ROOT, "results", "toy")  # where --publish writes
-PUBLISHED = ("results.json", "results.md", "ppl.png", "passkey.png", "passkey_depth.png")
+RESULTS = os.path.join(ROOT, "results", "toy", "v2")  # where --publish writes (DESIGN.md section 14)
+PUBLISHED = ("results.json", "results.md", "ppl.png", "passkey.png", "passkey_depth.png", "recall.png")
 SMOKE = "SMOKE RUN (--quick): not results"
 
 YARN = "yarn,beta_fast=4,beta_slow=1"  # DESIGN section 4: factor target / train_len = 8
 YARN8 = "yarn:8,beta_fast=4,beta_slow=1"
+RELATIVE = "yarn,beta_fast=4,beta_slow=0.125"  # the both-relative ramp: unseen angles from 1.5 windows on
 
 
 class Row(NamedTuple):
@@ -90,6 +93,9 @@ ROWS = (  # DESIGN section 7, in the order they run: no training first, then the
     Row("full-step", "Full-length, step-matched", ("--method", "full", "--rope", YARN)),
     Row("pose-linear", "PoSE, linear", ("--method", "pose", "--rope", "linear")),
     Row("pose-ntk", "PoSE, NTK", ("--method", "pose", "--rope", "ntk")),
+    Row("pi-ntk", "PI fine-tuned, no skips, NTK", ("--method", "pi", "--rope", "ntk")),
+    Row("pose-relative", "PoSE, ramp 4 / 0.125", ("--method", "pose", "--rope", RELATIVE)),
+    Row("pi-relative", "PI fine-tuned, no skips, ramp 4 / 0.125", ("--method", "pi", "--rope", RELATIVE)),
     Row("pose-n3", "PoSE N=3", ("--method", "pose", "--chunks", "3", "--rope", YARN)),
     Row("pose-contiguous", "PoSE, content contiguous (v_i = 0)", ("--method", "pose", "--content", "contiguous",
                                                                   "--rope", YARN)),
@@ -106,15 +112,20 @@ TABLES = (
     ("Methods (paper Table 1 / Figure 2); YaRN 4 / 1 except Direct fine-tuning", "T1",
      ("original", "yarn-only", "pi-ft", "randpos", "full-step", "full-token", "pose-n2", "pose-n3", "direct")),
     ("Interpolations (paper Table 6), and the ramps of DESIGN.md section 4 without fine-tuning", "T6",
-     ("original", "pi-only", "pose-linear", "full-linear", "ntk-only", "pose-ntk", "full-ntk", "yarn-only", "pose-n2",
-      "full-step", "yarn-only-standard", "yarn-only-relative")),
+     ("original", "pi-only", "pose-linear", "full-linear", "ntk-only", "pose-ntk", "pi-ntk", "full-ntk", "yarn-only",
+      "pose-n2", "full-step", "yarn-only-standard", "yarn-only-relative", "pose-relative", "pi-relative")),
     ("Chunk content (paper appendix A, Table 4)", "T4", ("pose-n2", "pose-contiguous", "pose-aligned")),
 )
 MAIN_TABLE = TABLES[0][2]
+# DESIGN.md section 14: (PoSE row, PI-no-skips row) pairs, the setting, and whether positions go out of range
+PAIRS = (("pose-ntk", "pi-ntk", "NTK", "from 2.4 windows on"),
+         ("pose-relative", "pi-relative", "YaRN 4 / 0.125", "from 1.5 windows on"),
+         ("pose-n2", "pi-ft", "YaRN 4 / 1 (control)", "never up to 8x"))
+T_CRITICAL = 4.30  # two-sided 5% with 2 degrees of freedom (3 seeds)
 RENAMED = {("T6", "pose-n2"): "PoSE, YaRN (= PoSE N=2)", ("T6", "full-step"): "Full-length, YaRN (= step-matched)",
            ("T4", "pose-n2"): "PoSE, content uniform (= PoSE N=2)"}
 
-# LLaMA-7B 2k -> 16k in the PoSE paper (/work/shared/paper/pose-paper.md): GovReport perplexity at 2k / 4k / 8k /
+# LLaMA-7B 2k -> 16k in the PoSE paper (Zhu et al. 2023, arXiv 2309.10400): GovReport perplexity at 2k / 4k / 8k /
 # 16k (Table 1: linear interpolation; Table 6: each interpolation; Table 4: chunk content), and passkey retrieval
 # where its text (section 4.3) says something; Figure 2b's values are not in the text.
 GT = "> 10^3"  # the paper's numbers as printed
@@ -135,6 +146,9 @@ PAPER_PASSKEY = {"original": "0 beyond 2k", "pi-only": "0 beyond 2k", "randpos":
                  "pose-n2": ">= 0.90 to 16k", "full-step": "comparable to PoSE"}
 
 
+RECALL_METRICS = ("passkey_accuracy", "passkey_nll", "first_nll", "copy_nll", "copy_ratio")
+
+
 class PublishError(Exception):
     """--publish refused: results/ is left untouched."""
 
@@ -148,10 +162,13 @@ def design_settings(quick=False):
              replay=REPLAY, target=2048, train_len=256, steps=100, batch_size=16, replay_batch=4, lr=2e-4,
              warmup=10, save_every=25, seeds=[0, 1, 2], ppl_docs=6, ppl_max_tokens=4096, ppl_stride=128,
              ctx=[256, 512, 1024, 2048], passkey_lengths=[256, 512, 1024, 2048], passkey_trials=100,
-             passkey_seed=0, depth_bins=5)
+             passkey_seed=0, depth_bins=5, design="v2", replay_weight=0.2,
+             recall=dict(distances=[64, 128, 192, 320, 512, 768, 1024, 1536], tasks=["copy", "passkey"], passage=32,
+                         sequences=8, trials=50, seed=0))
     if quick:
         s.update(steps=10, batch_size=8, replay_batch=2, warmup=2, seeds=[0], ppl_docs=1, ppl_max_tokens=2048,
                  passkey_trials=5)
+        s["recall"].update(sequences=1, trials=3)
     s["token_matched_batch"] = max(1, s["batch_size"] * s["train_len"] // s["target"])
     return s
 
@@ -165,7 +182,8 @@ def row_train_args(row, settings, seed, root=None):
             "--target", str(settings["target"]), "--train-len", str(settings["train_len"]),
             "--steps", str(settings["steps"]), "--batch-size", str(settings["batch_size"]), "--lr", str(settings["lr"]),
             "--warmup", str(settings["warmup"]), "--seed", str(seed), "--replay", path(settings["replay"]),
-            "--replay-batch", str(settings["replay_batch"]), "--save-every", str(settings["save_every"]), *own]
+            "--replay-batch", str(settings["replay_batch"]), "--replay-weight", str(settings["replay_weight"]),
+            "--save-every", str(settings["save_every"]), *own]
 
 
 def seeds_of(row, settings):
@@ -275,9 +293,19 @@ def training_cost(folder, run_dir):
 RECORD_FIELDS = ("length", "trial", "depth", "passkey", "prompt_tokens", "predicted", "correct")
 
 
+def recall_stream(settings, tokenizer):
+    import data
+    import recall
+    if "stream" not in _EVAL_DOCS:
+        _EVAL_DOCS["stream"] = recall.held_out_stream(data.load_corpus(os.path.join(ROOT, settings["eval_data"]),
+                                                                       tokenizer))
+    return _EVAL_DOCS["stream"]
+
+
 def evaluate_model(model, tokenizer, settings):
     import evaluate
     import passkey
+    import recall
 
     docs = eval_docs(settings, tokenizer)
     ppl = {}
@@ -287,8 +315,13 @@ def evaluate_model(model, tokenizer, settings):
     records = passkey.run_passkey(model, tokenizer, settings["passkey_lengths"], trials=settings["passkey_trials"],
                                   seed=settings["passkey_seed"])
     accuracy = {str(r["length"]): r["accuracy"] for r in passkey.accuracy_by_length(records)}
+    rc = settings["recall"]
+    probes = recall.run_recall(model, tokenizer, recall_stream(settings, tokenizer), rc["distances"],
+                               settings["train_len"], rc["tasks"], rc["passage"], rc["sequences"], rc["trials"],
+                               seed=rc["seed"])
     return {"ppl": ppl, "passkey": accuracy,
-            "records": {"fields": list(RECORD_FIELDS), "rows": [[r[k] for k in RECORD_FIELDS] for r in records]}}
+            "records": {"fields": list(RECORD_FIELDS), "rows": [[r[k] for k in RECORD_FIELDS] for r in records]},
+            "recall": recall.summarize(probes, rc["distances"]), "recall_records": probes}
 
 
 def run_row_seed(slug, seed, settings, out, threads=1):
@@ -313,6 +346,7 @@ def run_row_seed(slug, seed, settings, out, threads=1):
         result["census"] = census.arm_census(row_train_args(row, settings, seed, ROOT))
         result["census"]["seconds"] = round(time.perf_counter() - t0, 2)
         result["train_args"] = row_train_args(row, settings, seed)
+        result["replay_weight_trained"] = read_json(os.path.join(run_dir, "args.json"))["replay_weight"]
         model_dir = run_dir
     else:
         model_dir = os.path.join(ROOT, settings["base"])
@@ -380,6 +414,10 @@ def collect(out, settings, slugs):
                               for r in per_seed.values()]
                     m, s = mean_std(values)
                     summary.setdefault(metric, {})[str(k)] = {"mean": m, "std": s, "n": len(values)}
+            for metric in RECALL_METRICS:
+                columns = list(zip(*[r["recall"][metric] for r in per_seed.values()]))
+                summary.setdefault("recall", {})[metric] = [dict(zip(("mean", "std"), mean_std(list(c))),
+                                                                 n=len(c)) for c in columns]
             costs = [r.get("cost", {}) for r in per_seed.values()]
             for key in ("seconds_per_step", "peak_mem_gb", "train_wall_s", "eval_wall_s"):
                 m, s = mean_std([c.get(key) for c in costs])
@@ -488,7 +526,8 @@ def markdown(results):
                         for c in results["evaluated_at_commits"] if c["commit"]) or "-"
     md = ([SMOKE, ""] if quick else []) + [
         f"# PoSE at toy scale: {s['train_len']} -> {s['target']} tokens" + (" (smoke run)" if quick else ""), "",
-        f"Design: results/toy/DESIGN.md (fixed before the runs). Made by `python scripts/reproduce.py"
+        f"Design: results/toy/DESIGN.md, v2 (section 14: replay weight {s['replay_weight']} passed to every row, "
+        f"recall.py added to every evaluation), fixed before the runs. Made by `python scripts/reproduce.py"
         f"{' --quick' if quick else ''}` at commit {commits}.", "",
         f"Base {s['base']}; fine-tuning: {s['steps']} steps x {s['batch_size']} method examples + "
         f"{s['replay_batch']} replay windows ({s['replay']}, the same in every row of a seed), lr {s['lr']}, "
@@ -505,6 +544,7 @@ def markdown(results):
     for title, paper, slugs in TABLES:
         if any(slug in rows for slug in slugs):
             md += [f"## {title}", "", table(results, slugs, paper), ""]
+    md += recall_sections(results)
     md += ["![perplexity](ppl.png) ![passkey](passkey.png)", "",
            f"Passkey accuracy by key depth ({s['depth_bins']} bins of the filler) and length, trials pooled over the "
            f"seeds: ![depth x length](passkey_depth.png)", "",
@@ -515,6 +555,69 @@ def markdown(results):
            "another key; none: no key line before it.", "", census_table(results), "",
            "## Cost", "", cost_table(results), ""]
     return "\n".join(md)
+
+
+def beyond_window(entry, settings, metric, seed):
+    """A row-seed's recall `metric` averaged over the distances beyond the window (DESIGN.md section 14)."""
+    values = entry["per_seed"][seed]["recall"][metric]
+    far = [v for d, v in zip(settings["recall"]["distances"], values) if d > settings["train_len"] and v is not None]
+    return statistics.fmean(far) if far else None
+
+
+def paired(results, pose, pi, metric):
+    """Per-seed PoSE - PI differences of `metric` (beyond the window, or ppl at the longest ctx), their mean, the
+    paired t and the verdict of the decision rule; None until both rows have every seed."""
+    s, rows = results["settings"], results["rows"]
+    if pose not in rows or pi not in rows:
+        return None
+    a, b = rows[pose], rows[pi]
+    seeds = [x for x in a["seeds_expected"] if str(x) in a["per_seed"] and str(x) in b["per_seed"]]
+    if len(seeds) < len(a["seeds_expected"]):
+        return None
+    if metric == "ppl":
+        top = str(max(s["ctx"]))
+        value = lambda e, seed: e["per_seed"][seed]["ppl"][top]["ppl"]  # noqa: E731
+    else:
+        value = lambda e, seed: beyond_window(e, s, metric, seed)  # noqa: E731
+    diffs = [value(a, str(x)) - value(b, str(x)) for x in seeds]
+    m, sd = mean_std(diffs)
+    t = m / (sd / math.sqrt(len(diffs))) if sd else (math.inf if m else 0.0)
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    return dict(diffs=diffs, mean=m, t=t, finding=same_sign and abs(t) > T_CRITICAL)
+
+
+def recall_sections(results):
+    s, rows = results["settings"], results["rows"]
+    rc = s["recall"]
+    done = [slug for slug in rows if rows[slug].get("summary", {}).get("recall")]
+    if not done:
+        return []
+    md = ["## Recall by distance (DESIGN.md section 14)", "",
+          f"Passkey with the key line exactly d tokens before the answer (recall.py; {rc['trials']} trials per "
+          f"distance, the same prompts for every model, teacher-forced exact match), mean ± sd over seeds; the "
+          f"window is {s['train_len']}. Copy recall is recorded in results.json (the base does not copy natural "
+          f"text: DESIGN.md section 14).", "",
+          "| row | seeds | " + " | ".join(f"d={d}" for d in rc["distances"]) + " | key NLL beyond the window |",
+          "|" + "---|" * (len(rc["distances"]) + 3)]
+    for slug in done:
+        entry = rows[slug]
+        cells = [fmt_cell(c) for c in entry["summary"]["recall"]["passkey_accuracy"]]
+        far = mean_std([beyond_window(entry, s, "passkey_nll", seed) for seed in entry["per_seed"]])
+        md.append(f"| {entry['label']} | {seeds_label(entry)} | " + " | ".join(cells) +
+                  f" | {fmt_cell(dict(zip(('mean', 'std'), far)))} |")
+    md += ["", "![recall](recall.png)", "", "## Do the skips matter? PoSE minus PI-no-skips, paired by seed", "",
+           f"Decision rule (DESIGN.md section 14): a finding when every seed has the same sign and |paired t| > "
+           f"{T_CRITICAL}.", "",
+           "| setting | positions out of range | metric | per-seed PoSE - PI | mean | t | finding |",
+           "|---|---|---|---|---|---|---|"]
+    for pose, pi, setting, out_of_range in PAIRS:
+        for metric, label in (("passkey_accuracy", "passkey accuracy, d > window"),
+                              ("passkey_nll", "key NLL, d > window"), ("ppl", f"ppl at {max(s['ctx'])}")):
+            p = paired(results, pose, pi, metric)
+            cells = ["pending"] * 4 if p is None else [", ".join(f"{d:+.3f}" for d in p["diffs"]), f"{p['mean']:+.3f}",
+                                                        f"{p['t']:.2f}", "yes" if p["finding"] else "no"]
+            md.append(f"| {setting} | {out_of_range} | {label} | " + " | ".join(cells) + " |")
+    return md + [""]
 
 
 def records_of(entry):
@@ -559,6 +662,26 @@ def plots(results, folder):
         fig.tight_layout()
         write_atomically(os.path.join(folder, name), lambda tmp: fig.savefig(tmp, dpi=120))
         plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    distances = s["recall"]["distances"]
+    for slug, entry in rows.items():
+        if "recall" in entry.get("summary", {}):
+            cells = entry["summary"]["recall"]["passkey_accuracy"]
+            ax.errorbar(distances, [c["mean"] for c in cells], yerr=[c["std"] or 0 for c in cells], marker="o", ms=3,
+                        capsize=2, label=f"{entry['label']} ({seeds_label(entry)})")
+    ax.axvline(s["train_len"], color="gray", linestyle=":", label="original window")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(distances, [str(d) for d in distances])
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("distance from the key line to the answer (tokens)")
+    ax.set_ylabel("passkey accuracy at a fixed distance")
+    if s["mode"] == "quick":
+        ax.set_title(SMOKE, color="red")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    write_atomically(os.path.join(folder, "recall.png"), lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
 
     lengths, bins = s["passkey_lengths"], s["depth_bins"]
     n = max(1, len(rows))
@@ -714,6 +837,7 @@ def main(argv=None):
 
     jobs = [(slug, seed) for slug in args.rows for seed in seeds_of(ROW[slug], settings)
             if seed is None or seed in args.seeds]
+    jobs.sort(key=lambda job: -1 if job[1] is None else job[1])  # seed-major: the rows of a seed finish together
     todo = [(slug, seed) for slug, seed in jobs
             if not os.path.isfile(os.path.join(row_dir(args.out, ROW[slug], seed), "eval.json"))]
     print(f"{args.out}: {len(jobs) - len(todo)} of {len(jobs)} row-seeds done, {len(todo)} to compute "

@@ -181,13 +181,13 @@ def test_rows_and_settings(capsys):
     args, _ = reproduce.parse_args([])
     assert "full-linear" not in args.rows and "direct" in args.rows and args.out.endswith(os.path.join("out",
                                                                                                      "reproduce"))
-    # the train.py arguments of every row resolve
+    # the train.py arguments of every row resolve, and every row trains with the designed replay weight (DESIGN.md
+    # sections 5 and 14: 0.2, the token-matched Full-length row's batch of 2 included), as train.py resolves it
     for row in reproduce.ROWS:
         if row.train:
             a = train.resolve_args(train.parse_args(reproduce.row_train_args(row, design, 0, ROOT)), world=1,
                                    device=torch.device("cpu"))
-            assert a.replay_batch == 4 and a.steps == 100 and a.replay_weight == pytest.approx(
-                4 / (a.batch_size + 4))
+            assert a.replay_batch == 4 and a.steps == 100 and a.replay_weight == 0.2, row.slug
 
 
 def fake_eval(settings, slug, seed):
@@ -199,6 +199,8 @@ def fake_eval(settings, slug, seed):
               "ppl": {str(c): {"ppl": 40 + rng.random(), "nll": 1.0, "tokens": 10} for c in settings["ctx"]},
               "passkey": {str(n): float(rng.random()) for n in settings["passkey_lengths"]},
               "records": {"fields": list(reproduce.RECORD_FIELDS), "rows": records},
+              "recall": {m: [float(rng.random()) for _ in settings["recall"]["distances"]]
+                         for m in reproduce.RECALL_METRICS},
               "rope_scaling": None, "rope": "none", "git": {"commit": "0" * 40, "dirty": False},
               "cost": {"eval_wall_s": 1.0, "eval_loadavg_start": [1, 1, 1], "eval_loadavg_end": [1, 1, 1]}}
     if seed is not None:
@@ -283,3 +285,4 @@ def test_quick_results_are_labelled(tmp_path):
     assert "Pending (not all seeds computed): RandPos" in md
     with pytest.raises(SystemExit):  # a --out keeps its settings
         reproduce.check_out(out, reproduce.design_settings())
+
