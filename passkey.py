@@ -49,7 +49,7 @@ import cli
 import hf
 from data import Tokenizer
 from model import KVCache, LLaMA
-from prompts import FILLER, KEY_LINE, QUESTION, TASK, prompt_text  # noqa: F401 (passkey.TASK etc. for scripts)
+from prompts import FILLER, KEY_LINE, QUESTION, TASK, prompt_text  # noqa: F401 (passkey.TASK etc.: scripts read them)
 from rope import CHECKPOINT, describe_rope, original_window, rope_type, scaling_from_spec, supported_window
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # the bundled base

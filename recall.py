@@ -42,7 +42,6 @@ aligned with `distances`, null where a task was skipped), and every probe and tr
 distance, the original window and the supported window marked.
 """
 import json
-import math
 import os
 from typing import NamedTuple
 
@@ -155,8 +154,8 @@ def score_rows(model, ids, rows, targets):
     h = model.hidden_states(torch.as_tensor(ids, device=device)[None])[0]  # (T, dim)
     logp = torch.log_softmax(model.lm_head(h[torch.as_tensor(rows, device=device)]).float(), dim=-1)  # (R, vocab)
     targets = torch.as_tensor(targets, device=device)
-    nll = -logp.gather(1, targets[:, None])[:, 0]
-    return nll.cpu().numpy().astype(np.float64), logp.argmax(-1).cpu().numpy(), (logp.argmax(-1) == targets).cpu().numpy()
+    nll, top = -logp.gather(1, targets[:, None])[:, 0], logp.argmax(-1)
+    return nll.double().cpu().numpy(), top.cpu().numpy(), (top == targets).cpu().numpy()
 
 
 def score_copy(model, seq, passage):
@@ -204,7 +203,7 @@ def aligned_prefix(tok, text, prefix):
 
 
 def filler_lines(sentences, inserts):
-    """Lines of filler: the sentences joined by spaces, broken by the inserted lines; inserts[i] go before sentence i."""
+    """Filler lines: the sentences joined by spaces, broken by the inserted lines (inserts[i] go before sentence i)."""
     lines, current = [], []
     for i in range(len(sentences) + 1):
         for line in inserts.get(i, []):
@@ -280,7 +279,8 @@ def key_prompt(tok, window, distance, key, rng, labels=()):
     with_answer, n_prompt = aligned_prefix(tok, body + tail + f" {key}.", body + tail)
     answer = with_answer[n_prompt:]
     last_digit = max(i for i, t in enumerate(answer) if any(c.isdigit() for c in tok.decode([t])))
-    return KeyPrompt(ids, answer[:last_digit + 1], length, key_start, key, list(zip(labels[1:], keys[1:], after.tolist())))
+    distractors = list(zip(labels[1:], keys[1:], after.tolist()))
+    return KeyPrompt(ids, answer[:last_digit + 1], length, key_start, key, distractors)
 
 
 def score_key(model, tok, prompt):
