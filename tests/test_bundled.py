@@ -67,3 +67,24 @@ def test_main_command_runs_on_the_bundled_defaults(tmp_path):
                                          "beta_fast": 4.0, "beta_slow": 1.0}  # the tiny recipe (results/toy/DESIGN.md)
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert all("replay_loss" in e for e in log)  # the recipe's replay stream
+
+
+# The first steps of the README's main command, `python train.py --target 2048`, as its full run logged them (100
+# steps, final loss 3.074594). The learning rate of a step inside the warmup does not depend on --steps, so a 3-step
+# run must log exactly these: any change to the examples, the replay, the model or the update shows here.
+BUNDLED_FIRST_STEPS = [
+    {"step": 1, "loss": 3.244062, "lr": 2e-05, "tokens": 4096, "grad_norm": 1.477298, "replay_loss": 0.169282},
+    {"step": 2, "loss": 3.189906, "lr": 4e-05, "tokens": 8192, "grad_norm": 1.396523, "replay_loss": 0.144818},
+    {"step": 3, "loss": 3.228605, "lr": 6.000000000000001e-05, "tokens": 12288, "grad_norm": 1.255237,
+     "replay_loss": 0.176494},
+]
+
+
+def test_bundled_recipe_losses_are_unchanged(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--target", "2048", "--steps", "3",
+                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [{k: e[k] for k in BUNDLED_FIRST_STEPS[0]} for e in log] == BUNDLED_FIRST_STEPS
