@@ -147,17 +147,15 @@ def arm_census(argv, patterns=None, corpus=None, pool=None):
 
     Builds the run's resolved arguments as train.py does (one process, CPU) and reads the same corpus and pool;
     `corpus` and `pool` may be given (loaded once for several arms of the same data)."""
-    import torch
-
     import data
+    import settings
     import train
 
-    args = train.resolve_args(train.parse_args(list(argv)), world=1, device=torch.device("cpu"))
+    args = settings.from_command_line(list(argv), world=1, device="cpu")
     tokenizer = data.Tokenizer(args.model)
     patterns = patterns or Patterns(tokenizer)
     if corpus is None:
-        need = args.target if args.method == "full" else args.train_len
-        corpus = data.load_corpus(args.data, tokenizer, min_tokens=need)
+        corpus = data.load_corpus(args.data, tokenizer, min_tokens=args.seq_len)
     if pool is None and args.replay:
         pool = data.ReplayPool(args.replay)
     out = {stream: empty_counts() for stream in STREAMS}

@@ -248,14 +248,14 @@ def train_row_seed(row, seed, settings, folder, threads=1):
     """Run (or resume) train.py for one row and seed into folder/run; every attempt is logged in
     folder/train_attempts.jsonl with its wall time and the machine's load. Returns the run directory."""
     sys.path.insert(0, ROOT)
-    import train
+    import checkpoints
 
     run_dir = os.path.join(folder, "run")
     if os.path.isfile(os.path.join(run_dir, "config.json")):  # exported: config.json is written last
         return run_dir
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *row_train_args(row, settings, seed, ROOT), "--out", run_dir,
            "--delete-checkpoints"]
-    resume = bool(train.latest_checkpoint(run_dir)[1]) if os.path.isdir(run_dir) else False
+    resume = bool(checkpoints.latest(run_dir)[1]) if os.path.isdir(run_dir) else False
     if resume:
         cmd.append("--resume")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))

@@ -198,15 +198,15 @@ def test_run_and_kill_after_a_checkpoint(tmp_path):
 
 def test_train_commands_parse_in_train_py(tiny_model_dir, text_corpus):
     """Every flag gpu_check gives train.py exists and means what gpu_check assumes."""
-    import train
+    import settings
     cmd = check.train_command("out/x", model=tiny_model_dir, data=text_corpus, precision="fp32", checkpointing=False,
                               resume=True)
-    args = train.parse_args(cmd[cmd.index(check.TRAIN) + 1:])
+    args = settings.parser().parse_args(cmd[cmd.index(check.TRAIN) + 1:])
     assert (args.precision, args.grad_checkpointing, args.resume, args.steps, args.save_every) == (
         "fp32", False, True, 24, 4)
     assert (args.batch_size, args.micro_batch_size, args.lr, args.rope, args.method) == (16, 8, 2e-4, "yarn", "pose")
     default = check.train_command("o")
-    assert train.parse_args(default[default.index(check.TRAIN) + 1:]).grad_checkpointing is True
+    assert settings.parser().parse_args(default[default.index(check.TRAIN) + 1:]).grad_checkpointing is True
 
 
 @pytest.mark.skipif(not os.environ.get("POSE_SLOW_TESTS"), reason="about a minute on 2 cores (4 train.py runs); "

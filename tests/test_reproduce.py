@@ -8,9 +8,9 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 
 import data
+import settings as run_settings  # reproduce.py's `settings` are the design's
 import train
 from passkey import TASK, prompt_text
 
@@ -35,8 +35,8 @@ def patterns(tokenizer):
 
 
 def resolved(*argv):
-    return train.resolve_args(train.parse_args(["--target", "2048", "--replay", POOL, "--replay-batch", "4",
-                                                *argv]), world=1, device=torch.device("cpu"))
+    return run_settings.from_command_line(["--target", "2048", "--replay", POOL, "--replay-batch", "4", *argv],
+                                          world=1, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,8 +185,7 @@ def test_rows_and_settings(capsys):
     # sections 5 and 14: 0.2, the token-matched Full-length row's batch of 2 included), as train.py resolves it
     for row in reproduce.ROWS:
         if row.train:
-            a = train.resolve_args(train.parse_args(reproduce.row_train_args(row, design, 0, ROOT)), world=1,
-                                   device=torch.device("cpu"))
+            a = run_settings.from_command_line(reproduce.row_train_args(row, design, 0, ROOT), world=1, device="cpu")
             assert a.replay_batch == 4 and a.steps == 100 and a.replay_weight == 0.2, row.slug
 
 

@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import settings
 import train
 from model import LLaMA, ModelConfig
 
@@ -164,8 +164,8 @@ def test_examples_do_not_depend_on_the_world_size(stdlib_corpus, tiny_model):
     import data
     from data import Tokenizer
     corpus = data.load_corpus(stdlib_corpus, Tokenizer(tiny_model), min_tokens=32)
-    args = SimpleNamespace(batch_size=8, micro_batch_size=2, seed=3, method="pose", target=128, train_len=32, chunks=2,
-                           content="uniform", split="uniform")
+    args = settings.from_command_line(["--model", tiny_model, "--data", stdlib_corpus, "--target", "128", "--seed", "3",
+                                       "--batch-size", "8", "--micro-batch-size", "2"], world=1, device="cpu")
 
     def step_examples(world):
         rows = []
@@ -181,8 +181,7 @@ def test_examples_do_not_depend_on_the_world_size(stdlib_corpus, tiny_model):
 
 
 def test_lr_schedule():
-    args = SimpleNamespace(lr=2e-5, warmup=10, steps=1000)
-    lrs = [train.lr_at(s, args) for s in range(1000)]
+    lrs = [train.lr_at(s, 2e-5, 10, 1000) for s in range(1000)]
     assert lrs[0] == pytest.approx(2e-6) and lrs[9] == pytest.approx(2e-5) and lrs[10] == pytest.approx(2e-5)
     assert lrs[505] == pytest.approx(1e-5) and 0 < lrs[-1] < 1e-7
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
@@ -245,13 +244,19 @@ def test_replay_stream(tmp_path, tiny_model, stdlib_corpus):
     pool_path = tmp_path / "pool.npz"
     np.savez(pool_path, input_ids=ids, targets=targets)
     pool = data.ReplayPool(str(pool_path))
-    a = SimpleNamespace(seed=1, replay_batch=3, method="pose", chunks=2, batch_size=4)
-    b = SimpleNamespace(seed=1, replay_batch=3, method="full", chunks=3, batch_size=16)
+
+    def resolved(*argv):
+        return settings.from_command_line(["--model", tiny_model, "--data", stdlib_corpus, "--target", "128",
+                                           "--replay", str(pool_path), "--replay-batch", "3", *argv], world=1,
+                                          device="cpu")
+
+    a = resolved("--seed", "1", "--method", "pose", "--chunks", "2", "--batch-size", "4")
+    b = resolved("--seed", "1", "--method", "full", "--chunks", "3", "--batch-size", "16")
     for step in range(5):
         assert all(np.array_equal(x, y) for x, y in zip(train.replay_windows(step, a, pool),
                                                         train.replay_windows(step, b, pool)))
     assert not np.array_equal(train.replay_windows(0, a, pool)[0], train.replay_windows(1, a, pool)[0])
-    a.seed = 2
+    a = resolved("--seed", "2", "--method", "pose", "--chunks", "2", "--batch-size", "4")
     assert not np.array_equal(train.replay_windows(0, a, pool)[0], train.replay_windows(0, b, pool)[0])
 
     replay = {"--replay": pool_path, "--replay-batch": 2}

@@ -1,0 +1,267 @@
+"""The settings of a training run: train.py's command line, the recipes, and every default and check, resolved once
+into a frozen `Settings` before anything is written.
+
+    s = settings.from_command_line(["--target", "2048"])       # what `python train.py --target 2048` runs
+    s.micro_batch_size, s.rope_scaling, s.seq_len                # 16, {"rope_type": "yarn", "factor": 8.0, ...}, 256
+
+`resolve` reads config.json, the tokenizer and the --replay pool, nothing else, and raises a one-line error
+(cli.UsageError, hf.CheckpointError, data.DataError) for any bad setting. The loop, checkpoints and export take what
+they need from the result; nothing changes it afterwards (the run's own state, as the step of its last checkpoint,
+lives in train.py's loop).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import cli
+import data
+import hf
+import pose
+from cli import UsageError
+from rope import describe_rope, original_window, rope_kind, scaling_from_spec
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUNDLED_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
+BUNDLED_DATA = os.path.join(HERE, "assets", "books", "train")  # the bundled public-domain books
+BUNDLED_REPLAY = os.path.join(HERE, "assets", "replay", "passkey-256.npz")  # synthetic passkey episodes
+
+RECIPES = {
+    # section 4.1, LLaMA-7B
+    "paper": dict(steps=1000, batch_size=64, lr=2e-5, rope="linear", micro_batch_size=1, replay="none",
+                  replay_batch=0),
+    # the toy reproduction's (results/toy/DESIGN.md): 4M parameters need a larger step size; YaRN with the fast bound
+    # at LLaMA's 64-token wavelength; the base learned retrieval from synthetic episodes, which it replays
+    "tiny": dict(steps=100, batch_size=16, lr=2e-4, rope="yarn,beta_fast=4,beta_slow=1", micro_batch_size=None,
+                 replay=BUNDLED_REPLAY, replay_batch=4),  # micro-batch None: batch / world
+}
+# What --resume may change (anything else would change the examples, the model or the schedule of the run)
+RESUMABLE = ("save_every", "keep", "steps", "micro_batch_size", "grad_checkpointing", "cpu_offload",
+             "delete_checkpoints", "export_dtype", "resume")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of a run, resolved. The fields up to rope_scaling are the run's record (args.json, compared on
+    --resume); `world` and `device` say where it runs."""
+    model: str  # the base checkpoint's directory
+    data: str  # training documents: raw text or a data.py-prepared dataset
+    out: str  # the run directory
+    target: int  # the extended context window
+    train_len: int  # tokens per example (full-length fine-tuning: target, see seq_len)
+    recipe: str  # the RECIPES entry the defaults came from
+    method: str  # pose, full, randpos or pi
+    chunks: int
+    content: str
+    split: str
+    rope: str  # the interpolation asked for (a spec of rope.scaling_from_spec); rope_scaling is what it resolved to
+    steps: int
+    batch_size: int  # global, in examples
+    micro_batch_size: int  # per process and forward/backward
+    lr: float
+    warmup: int
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    replay: str | None  # an absolute .npz path, or None: no replay
+    replay_batch: int
+    replay_weight: float
+    save_every: int
+    keep: int
+    delete_checkpoints: bool
+    export_dtype: str
+    resume: bool
+    precision: str  # bf16 or fp32
+    grad_checkpointing: bool
+    cpu_offload: bool
+    rope_scaling: dict | None  # the extended model's rope_scaling (config.json convention)
+    world: int = 1  # processes
+    device: str = "cpu"  # cpu or cuda
+
+    @property
+    def seq_len(self):
+        """Tokens per example: the target for full-length fine-tuning, the training window for the others."""
+        return self.target if self.method == "full" else self.train_len
+
+    @property
+    def bundled(self):
+        return os.path.realpath(self.model) == os.path.realpath(BUNDLED_MODEL)
+
+    def record(self):
+        """The run's settings as args.json holds them (paths absolute, so that a resume from elsewhere compares)."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        out = {k: getattr(self, k) for k in fields[:fields.index("rope_scaling") + 1]}
+        for k in ("model", "data", "out"):
+            out[k] = os.path.abspath(out[k])
+        return json.loads(json.dumps(out))  # tuples -> lists, as read back
+
+
+def parser(doc=None):
+    """train.py's command line; doc: train.py's docstring (its first paragraph describes, paragraphs 3-5 follow the
+    options)."""
+    paragraphs = (doc or "").split("\n\n")
+    p = cli.ArgumentParser(description=paragraphs[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="\n\n".join(paragraphs[2:5]))
+    p.add_argument("--model", default=None, help=f"Hugging Face LLaMA directory (default: the bundled tiny base, "
+                                                 f"{os.path.relpath(BUNDLED_MODEL)})")
+    p.add_argument("--data", default=None, help="jsonl/txt file or directory, or a data.py-prepared dataset "
+                                                f"(default: the bundled books, {os.path.relpath(BUNDLED_DATA)})")
+    p.add_argument("--out", default=None, help="output directory (default: out/METHOD-TARGET)")
+    p.add_argument("--target", type=int, required=True, help="target context window, in tokens")
+    p.add_argument("--train-len", type=int, default=None,
+                   help="training window (default: the checkpoint's max_position_embeddings)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                   help="default values of --steps, --batch-size, --lr, --rope, --micro-batch-size (see above; "
+                        "default: tiny for the bundled model, paper otherwise)")
+    p.add_argument("--method", choices=pose.METHODS, default="pose",
+                   help="pose (default), full, randpos or pi: see Methods above")
+    p.add_argument("--chunks", type=int, default=2, help="PoSE chunks per example (default 2, as the paper)")
+    p.add_argument("--content", choices=pose.CONTENTS, default="uniform",
+                   help="PoSE chunk content (paper appendix A): uniform (default, the paper's), contiguous, aligned")
+    p.add_argument("--split", choices=pose.SPLITS, default="uniform",
+                   help="PoSE chunk lengths: uniform (default, a uniform random split as the paper's appendix code) "
+                        "or official (the official code's: first chunk at most half the window; chunks <= 2)")
+    p.add_argument("--rope", default=None, help="interpolation, factor target / original window: linear (paper "
+                   "recipe), ntk, yarn (tiny recipe), yarn-revised, dynamic, llama3, none; an extended checkpoint "
+                   "keeps its own type")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (recipe: paper 1000, tiny 100); may grow "
+                                                           "on --resume, which stretches the decay to the new end")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch in examples (recipe: paper 64, tiny 16)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="examples per process per forward/backward "
+                   "(recipe: paper 1, tiny the whole per-process batch)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (recipe: paper 2e-5, tiny 2e-4)")
+    p.add_argument("--warmup", type=int, default=10, help="linear warmup steps (default 10)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default 1.0, HF Trainer's, "
+                                                                "which the official code used; 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the examples and of the replay draw (default 0)")
+    p.add_argument("--replay", default=None, metavar="POOL", help="a pool of windows (.npz: input_ids, targets) read "
+                   "beside the method's examples at positions 0..train_len-1, the same for every method (recipe: "
+                   "tiny the bundled passkey episodes, paper none)")
+    p.add_argument("--replay-batch", type=int, default=None, help="replay windows per step (recipe: tiny 4)")
+    p.add_argument("--replay-weight", type=float, default=None, help="weight w of the replay loss: the step "
+                   "minimizes (1 - w) method loss + w replay loss (default: replay / (batch + replay))")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100; 0: only "
+                                                               "the final export)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk, the newest (default 2)")
+    p.add_argument("--delete-checkpoints", action="store_true",
+                   help="remove the checkpoints after a successful export (default: keep them, for --resume)")
+    p.add_argument("--export-dtype", choices=("auto",) + cli.DTYPES, default="auto",
+                   help="dtype of the exported weights (default auto: the base checkpoint's)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint; "
+                   f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE[:-1])} may differ")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                   help="compute dtype (default: bf16 on CUDA, fp32 on CPU); master weights and reductions are fp32")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block in backward (default: on for CUDA)")
+    p.add_argument("--cpu-offload", action="store_true", help="keep sharded parameters, gradients and optimizer "
+                                                               "state in CPU memory (FSDP2 CPUOffloadPolicy)")
+    return p
+
+
+def from_command_line(argv=None, doc=None, world=None, device=None):
+    """Settings from train.py's arguments: parse, then resolve (see resolve for world and device)."""
+    return resolve(parser(doc).parse_args(argv), world, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# every default and every check, in one place, before anything is written
+
+def resolve(args, world=None, device=None):
+    """The Settings of parsed arguments: recipe defaults filled in, every setting checked; raises UsageError (or
+    CheckpointError/DataError) with one line. world: the number of processes (default: torchrun's WORLD_SIZE, else
+    1); device: "cuda" or "cpu" (default: cuda when this machine has it). `args` is read, never changed."""
+    import torch
+    world = world or int(os.environ.get("WORLD_SIZE", 1))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    v = dict(vars(args))  # the given values; None where a recipe or a rule decides
+    v["model"] = v["model"] or BUNDLED_MODEL
+    v["data"] = v["data"] or BUNDLED_DATA
+    fields = hf.read_config(v["model"])  # CheckpointError on a bad directory
+    tokenizer = data.Tokenizer(v["model"])
+    if tokenizer.vocab_size > fields["vocab_size"]:
+        raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {fields['vocab_size']}")
+    bundled = os.path.realpath(v["model"]) == os.path.realpath(BUNDLED_MODEL)
+    v["recipe"] = v["recipe"] or ("tiny" if bundled else "paper")
+    recipe = RECIPES[v["recipe"]]
+    for key, value in recipe.items():
+        if v[key] is None and key != "rope":  # rope: extended_scaling, below
+            v[key] = value
+    if v["micro_batch_size"] is None:
+        v["micro_batch_size"] = max(1, v["batch_size"] // world)
+    v["precision"] = v["precision"] or ("bf16" if device == "cuda" else "fp32")
+    if v["grad_checkpointing"] is None:
+        v["grad_checkpointing"] = device == "cuda"
+    v["train_len"] = v["train_len"] or fields["max_position_embeddings"]
+    v["out"] = v["out"] or os.path.join("out", f"{v['method']}-{v['target']}")
+
+    for flag, minimum in (("target", 1), ("train_len", 1), ("steps", 1), ("batch_size", 1), ("micro_batch_size", 1),
+                          ("chunks", 1), ("keep", 1), ("save_every", 0), ("warmup", 0), ("seed", 0)):
+        cli.positive(f"--{flag.replace('_', '-')}", v[flag], minimum)
+    for flag in ("lr", "grad_clip", "weight_decay"):
+        if not math.isfinite(v[flag]) or v[flag] < 0 or (flag == "lr" and v[flag] == 0):
+            raise UsageError(f"--{flag.replace('_', '-')} must be {'> 0' if flag == 'lr' else '>= 0'}, got {v[flag]}")
+    if v["target"] < v["train_len"]:
+        raise UsageError(f"--target {v['target']} is below the training length {v['train_len']}: nothing to extend")
+    if v["method"] == "pose" and v["chunks"] > v["train_len"]:
+        raise UsageError(f"--chunks {v['chunks']} is more than --train-len {v['train_len']}: every chunk holds at "
+                         "least one token")
+    if v["method"] == "pose" and v["split"] == "official" and v["chunks"] > 2:
+        raise UsageError(f"--split official is defined for --chunks 1 or 2 (the official code's), got {v['chunks']}")
+    if v["batch_size"] % (world * v["micro_batch_size"]):
+        raise UsageError(f"--batch-size {v['batch_size']} is not divisible by world size {world} x "
+                         f"--micro-batch-size {v['micro_batch_size']}")
+    v["replay"], v["replay_batch"], v["replay_weight"] = replay_settings(
+        v["replay"], v["replay_batch"], v["replay_weight"], v["batch_size"], v["train_len"], world)
+    v["rope_scaling"] = extended_scaling(fields, v["rope"], recipe["rope"], v["train_len"], v["target"])
+    v["rope"] = v["rope"] or (rope_kind(describe_rope(v["rope_scaling"])) if fields["rope_scaling"] else
+                              recipe["rope"])
+    return Settings(**v, world=world, device=device)
+
+
+def replay_settings(replay, batch, weight, batch_size, train_len, world):
+    """(pool, replay batch, weight): (None, 0, 0.0) for --replay none, else a pool whose windows are train_len long,
+    with 1 <= --replay-batch <= its size, and the weight of its loss (default: its share of the step's windows)."""
+    if replay in (None, "none") or batch == 0:
+        if replay not in (None, "none") or batch:
+            raise UsageError("--replay and --replay-batch go together (--replay none: no replay)")
+        return None, 0, 0.0
+    pool = data.ReplayPool(replay)
+    if pool.window != train_len:
+        raise UsageError(f"--replay {replay} holds windows of {pool.window} tokens, not --train-len {train_len}")
+    if not 1 <= batch <= len(pool) or batch % world:
+        raise UsageError(f"--replay-batch must be in 1..{len(pool)} and a multiple of the world size {world}, got "
+                         f"{batch}")
+    if weight is None:
+        weight = batch / (batch_size + batch)
+    if not 0 <= weight < 1:
+        raise UsageError(f"--replay-weight must be in [0, 1), got {weight}")
+    return os.path.abspath(replay), batch, weight
+
+
+def extended_scaling(fields, spec, recipe_spec, train_len, target):
+    """The rope_scaling of the extended model.
+
+    A plain checkpoint gets `spec` (default: the recipe's) with factor target / train_len over train_len. A checkpoint
+    that is already extended (scaling of factor f over an original window o) keeps its type and every setting, and
+    its factor grows to target / o: yarn x8 over 256, extended to 4096, becomes yarn x16 over 256, so positions keep
+    the angles the checkpoint was trained with. Another type cannot compose with it: refused."""
+    own = fields["rope_scaling"]
+    if own is None:
+        try:
+            return scaling_from_spec(spec or recipe_spec, train_len, factor=target / train_len)
+        except ValueError as e:
+            raise UsageError(f"--rope: {e}") from None
+    original = original_window(own, fields["max_position_embeddings"])
+    composed = dict(own, factor=target / original)
+    wanted = scaling_from_spec(spec, original, factor=target / original) if spec else composed
+    if wanted is None or any(composed.get(k) != v for k, v in wanted.items()):
+        raise UsageError(f"the checkpoint is already extended with {describe_rope(own)} over {original} tokens: "
+                         f"--rope {spec} cannot compose with it; leave --rope out to continue with "
+                         f"{rope_kind(describe_rope(own))}")
+    if target < original * float(own["factor"]):
+        raise UsageError(f"--target {target} is below the {int(original * float(own['factor']))} tokens the "
+                         f"checkpoint already supports ({describe_rope(own)} over {original})")
+    return composed
