@@ -21,7 +21,7 @@ import data
 import hf
 import pose
 from cli import UsageError
-from rope import describe_rope, original_window, rope_kind, scaling_from_spec
+from rope import describe_rope, original_window, rope_kind, scaling_from_spec, supported_window
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
@@ -79,6 +79,7 @@ class Settings:
     rope_scaling: dict | None  # the extended model's rope_scaling (config.json convention)
     world: int = 1  # processes
     device: str = "cpu"  # cpu or cuda
+    threads: int | None = None  # torch's CPU threads (None: torch's default)
 
     @property
     def seq_len(self):
@@ -88,6 +89,12 @@ class Settings:
     @property
     def bundled(self):
         return os.path.realpath(self.model) == os.path.realpath(BUNDLED_MODEL)
+
+    @property
+    def bundled_replay_on_own_data(self):
+        """The bundled passkey replay mixed into documents of the user's (the tiny recipe's replay with --data)."""
+        return bool(self.replay) and os.path.realpath(self.replay) == os.path.realpath(BUNDLED_REPLAY) and \
+            os.path.realpath(self.data) != os.path.realpath(BUNDLED_DATA)
 
     def record(self):
         """The run's settings as args.json holds them (paths absolute, so that a resume from elsewhere compares)."""
@@ -113,10 +120,11 @@ def parser(doc=None):
     p.add_argument("--train-len", type=int, default=None,
                    help="training window (default: the checkpoint's max_position_embeddings)")
     p.add_argument("--recipe", choices=tuple(RECIPES), default=None,
-                   help="default values of --steps, --batch-size, --lr, --rope, --micro-batch-size (see above; "
+                   help="default values of --steps, --batch-size, --lr, --rope, --micro-batch-size (see Recipes "
+                        "below; "
                         "default: tiny for the bundled model, paper otherwise)")
     p.add_argument("--method", choices=pose.METHODS, default="pose",
-                   help="pose (default), full, randpos or pi: see Methods above")
+                   help="pose (default), full, randpos or pi: see Methods below")
     p.add_argument("--chunks", type=int, default=2, help="PoSE chunks per example (default 2, as the paper)")
     p.add_argument("--content", choices=pose.CONTENTS, default="uniform",
                    help="PoSE chunk content (paper appendix A): uniform (default, the paper's), contiguous, aligned")
@@ -139,15 +147,16 @@ def parser(doc=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and of the replay draw (default 0)")
     p.add_argument("--replay", default=None, metavar="POOL", help="a pool of windows (.npz: input_ids, targets) read "
                    "beside the method's examples at positions 0..train_len-1, the same for every method (recipe: "
-                   "tiny the bundled passkey episodes, paper none)")
+                   "tiny the bundled passkey episodes, also beside your own --data; paper none); none: no replay")
     p.add_argument("--replay-batch", type=int, default=None, help="replay windows per step (recipe: tiny 4)")
     p.add_argument("--replay-weight", type=float, default=None, help="weight w of the replay loss: the step "
                    "minimizes (1 - w) method loss + w replay loss (default: replay / (batch + replay))")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100; 0: only "
-                                                               "the final export)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps and after the last one "
+                                                               "(default 100; 0: after the last one only)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk, the newest (default 2)")
     p.add_argument("--delete-checkpoints", action="store_true",
-                   help="remove the checkpoints after a successful export (default: keep them, for --resume)")
+                   help="remove the checkpoints after a successful export (default: keep them, for --resume, "
+                        "which also continues a finished run to a larger --steps)")
     p.add_argument("--export-dtype", choices=("auto",) + cli.DTYPES, default="auto",
                    help="dtype of the exported weights (default auto: the base checkpoint's)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint; "
@@ -158,6 +167,8 @@ def parser(doc=None):
                    help="recompute each block in backward (default: on for CUDA)")
     p.add_argument("--cpu-offload", action="store_true", help="keep sharded parameters, gradients and optimizer "
                                                                "state in CPU memory (FSDP2 CPUOffloadPolicy)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of each process (torch.set_num_threads; default: torch's, one per core)")
     return p
 
 
@@ -186,6 +197,10 @@ def resolve(args, world=None, device=None):
     bundled = os.path.realpath(v["model"]) == os.path.realpath(BUNDLED_MODEL)
     v["recipe"] = v["recipe"] or ("tiny" if bundled else "paper")
     recipe = RECIPES[v["recipe"]]
+    if v["replay"] == "none" and v["replay_batch"] is None:
+        v["replay_batch"] = 0  # --replay none alone: no replay, whatever the recipe's batch
+    elif v["replay_batch"] == 0 and v["replay"] is None:
+        v["replay"] = "none"  # and --replay-batch 0 alone, whatever the recipe's pool
     for key, value in recipe.items():
         if v[key] is None and key != "rope":  # rope: extended_scaling, below
             v[key] = value
@@ -203,6 +218,8 @@ def resolve(args, world=None, device=None):
     for flag in ("lr", "grad_clip", "weight_decay"):
         if not math.isfinite(v[flag]) or v[flag] < 0 or (flag == "lr" and v[flag] == 0):
             raise UsageError(f"--{flag.replace('_', '-')} must be {'> 0' if flag == 'lr' else '>= 0'}, got {v[flag]}")
+    if v["threads"] is not None:
+        cli.positive("--threads", v["threads"])
     if v["target"] < v["train_len"]:
         raise UsageError(f"--target {v['target']} is below the training length {v['train_len']}: nothing to extend")
     if v["method"] == "pose" and v["chunks"] > v["train_len"]:
@@ -216,9 +233,23 @@ def resolve(args, world=None, device=None):
     v["replay"], v["replay_batch"], v["replay_weight"] = replay_settings(
         v["replay"], v["replay_batch"], v["replay_weight"], v["batch_size"], v["train_len"], world)
     v["rope_scaling"] = extended_scaling(fields, v["rope"], recipe["rope"], v["train_len"], v["target"])
+    window = supported_window(fields["rope_scaling"], original_window(fields["rope_scaling"],
+                                                                      fields["max_position_embeddings"]))
+    if v["rope_scaling"] is not None and v["target"] <= window:
+        raise UsageError(f"--target {v['target']} is not beyond the model's {window}-token window: nothing to extend "
+                         "(--rope none fine-tunes without interpolation)")
     v["rope"] = v["rope"] or (rope_kind(describe_rope(v["rope_scaling"])) if fields["rope_scaling"] else
                               recipe["rope"])
     return Settings(**v, world=world, device=device)
+
+
+def warnings(s):
+    """Settings that are valid but probably not what was meant: one line each."""
+    lines = []
+    if s.steps < s.warmup:
+        lines.append(f"--steps {s.steps} ends inside the --warmup of {s.warmup} steps: the learning rate rises to "
+                     f"{s.lr * s.steps / s.warmup:.3g} and never reaches --lr {s.lr:g}")
+    return lines
 
 
 def replay_settings(replay, batch, weight, batch_size, train_len, world):
@@ -251,9 +282,14 @@ def extended_scaling(fields, spec, recipe_spec, train_len, target):
     own = fields["rope_scaling"]
     if own is None:
         try:
-            return scaling_from_spec(spec or recipe_spec, train_len, factor=target / train_len)
+            scaling = scaling_from_spec(spec or recipe_spec, train_len, factor=target / train_len)
         except ValueError as e:
             raise UsageError(f"--rope: {e}") from None
+        if scaling and scaling["factor"] != target / train_len:  # a factor in the spec, e.g. linear:8
+            raise UsageError(f"--rope {spec}: factor {scaling['factor']:g} is not --target {target} / --train-len "
+                             f"{train_len} = {target / train_len:g}; leave the factor out (--rope "
+                             f"{rope_kind(spec)}) and it follows the target")
+        return scaling
     original = original_window(own, fields["max_position_embeddings"])
     composed = dict(own, factor=target / original)
     wanted = scaling_from_spec(spec, original, factor=target / original) if spec else composed

@@ -14,7 +14,7 @@ Recipes (--recipe; every flag it sets can still be given):
     paper  the paper's (section 4.1) for real checkpoints: AdamW, lr 2e-5, no weight decay, 10 warmup steps then
            linear decay, 1000 steps of 64 examples, linear position interpolation, micro-batch 1
     tiny   the bundled tiny model's: 100 steps of 16 examples, lr 2e-4, YaRN, the whole per-process batch in one
-           micro-step; about a minute on a 2-core CPU (README, "Results at toy scale", says why YaRN)
+           micro-step; about 3 minutes on a 2-core CPU (README, "Results at toy scale", says why YaRN)
 The default is tiny for the bundled model (assets/tiny, however it is named) and paper for any other.
 
 Methods (--method):
@@ -27,8 +27,8 @@ already extended keeps its geometry: the new scaling is its own type with the fa
 window (README, "Progressive extension").
 
 Outputs in --out (created by train.py, or a run directory it made): log.jsonl (one JSON object per optimizer step:
-step, loss, lr, tokens, seconds, ...), args.json, checkpoints/step_N (sharded, torch.distributed.checkpoint; --resume
-continues from the latest), and at the end the model in Hugging Face format (config.json with rope_scaling and
+step, loss, lr, tokens, seconds, ...), args.json, checkpoints/step_N (sharded, torch.distributed.checkpoint, every
+--save-every steps and after the last; --resume continues from the latest, a finished run too), and at the end the model in Hugging Face format (config.json with rope_scaling and
 max_position_embeddings = target (hf.py says why dynamic NTK differs), safetensors in the base checkpoint's dtype,
 tokenizer files).
 
@@ -52,6 +52,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from tqdm import tqdm
 
 import checkpoints
+import cli
 import data
 import hf
 import pose
@@ -218,6 +219,8 @@ def train(s, device, mesh):
         checkpoints.load(model, optimizer, start.checkpoint)
     # 2) the run directory and its records: args.json, and the log up to the checkpoint we start from
     log = rundir.create(s, start) if rank == 0 else None
+    for line in settings.warnings(s) if rank == 0 else []:  # after every check: a failed start prints one line
+        cli.warn(line)
     dist.barrier()
     last_checkpoint = start.step
     try:
@@ -248,7 +251,7 @@ def train(s, device, mesh):
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:.0f}",
                                     mem=f"{peak:.1f}G")
                     bar.update(1)
-                if s.save_every and (step + 1) % s.save_every == 0 and step + 1 < s.steps:
+                if (s.save_every and (step + 1) % s.save_every == 0) or step + 1 == s.steps:  # the last: resumable
                     checkpoints.save(model, optimizer, s.out, step + 1, s.keep, rank)
                     last_checkpoint = step + 1
         # 4) the extended model
@@ -279,9 +282,16 @@ def optimizer_step(model, optimizer, lr, step, s, corpus, pool, device, micro_st
         losses[0] += loss.detach() / micro_steps
     if pool:  # this rank's share of the step's replay windows, in one micro-step at positions 0..L-1
         ids, targets = (torch.from_numpy(a[rank::world]).to(device) for a in replay_windows(step, s, pool))
+        # The windows are padded (targets -100) by different amounts, so each rank's mean is over its own count of
+        # targets: weighting it by count x world / global count makes FSDP's average over the ranks the mean over
+        # every replay target of the step (the weight is exactly 1.0 in one process).
+        count = (targets != -100).sum()
+        total = count.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        share = count.item() * world / max(1, total.item())
         loss = model(ids, None, targets=targets)
-        (loss * w).backward()
-        losses[1] += loss.detach()
+        (loss * (w * share)).backward()
+        losses[1] += loss.detach() * share
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     optimizer.step()
@@ -302,6 +312,8 @@ def summary(s, removed=None):
     ctxs = [s.train_len]
     while ctxs[-1] * 2 <= s.target:
         ctxs.append(ctxs[-1] * 2)
+    if ctxs[-1] != s.target:  # a target that is not a power-of-two multiple of the window
+        ctxs.append(s.target)
     folder = checkpoints.folder(s.out)
     data_flag = "" if s.bundled else " --data YOUR_EVAL_DATA"
     lines = [f"saved the extended model to {s.out} ({checkpoints.disk_usage(s.out) / 2**20:.1f} MB"
@@ -310,6 +322,9 @@ def summary(s, removed=None):
              f"next: python evaluate.py --model {os.path.relpath(s.model)} --model {s.out}{data_flag} "
              f"--ctx {' '.join(map(str, ctxs))}",
              f"      python passkey.py --model {s.out} --lengths {' '.join(map(str, ctxs))}"]
+    if s.bundled_replay_on_own_data:
+        lines.append(f"note: the bundled passkey replay ({os.path.relpath(s.replay)}, {s.replay_batch} windows per "
+                     f"step, weight {s.replay_weight:g}) was mixed into your --data; --replay none trains on it alone")
     if s.rope_scaling and s.rope_scaling.get("yarn_variant") == "revised":
         lines.append("note: revised YaRN (yarn_variant) is read by this project only; transformers reads it as "
                      "standard YaRN")
@@ -321,6 +336,8 @@ def main(argv=None):
     s = None
     try:
         s = settings.from_command_line(argv, __doc__)
+        if s.threads:
+            torch.set_num_threads(s.threads)
         device, mesh = setup_distributed()
         train(s, device, mesh)
     except KeyboardInterrupt as e:

@@ -84,7 +84,9 @@ def test_bundled_recipe_losses_are_unchanged(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--target", "2048", "--steps", "3",
-                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env)
+                          "--threads", "1", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [{k: e[k] for k in BUNDLED_FIRST_STEPS[0]} for e in log] == BUNDLED_FIRST_STEPS
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "ends inside the --warmup" in warnings[0]  # 3 steps of a 10-step warmup

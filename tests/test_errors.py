@@ -174,7 +174,7 @@ def test_resume_checks_its_arguments_and_extension_composes(tmp_path, tiny_model
     assert extended.wait(timeout=120) == 0, extended.communicate()[1]
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]
-    assert log[2]["resumed_with"] == {"keep": [2, 1], "steps": [4, 6]}
+    assert log[4]["resumed_with"] == {"keep": [2, 1], "steps": [4, 6]}  # from the last step's checkpoint
     assert not (out / ".config.12345.tmp.json").exists()
     config = json.load(open(tmp_path / "ext" / "config.json"))
     assert config["rope_scaling"]["factor"] == 4.0 and config["rope_scaling"]["original_max_position_embeddings"] == 64
