@@ -250,13 +250,35 @@ def _read_file(file):
         except Exception as e:  # SafetensorError for truncated/corrupt headers and data
             if isinstance(e, CheckpointError):
                 raise
-            raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+            raise CheckpointError(f"{file}: cannot read safetensors file ({_truncated(file) or e})") from None
     else:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise CheckpointError(f"{file}: cannot read checkpoint ({e})") from None
         yield from state.items()
+
+
+def _truncated(file):
+    """'truncated: ...' when a safetensors file is shorter than its own header says (an interrupted copy or
+    download), else None. The format: an 8-byte little-endian header size n, n bytes of JSON header whose tensors'
+    data_offsets are relative to the end of the header."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated: {size} bytes, less than the 8-byte header size"
+        (n,) = struct.unpack("<Q", head)
+        if size < 8 + n:
+            return f"truncated: {size} bytes, while its header alone is {8 + n}"
+        try:
+            header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            return None  # a corrupt header, not a short file
+    if size < 8 + n + end:
+        return f"truncated: {size} bytes, while its header says {8 + n + end}"
+    return None
 
 
 def write_checkpoint(path, state, config, tokenizer_dir=None):

@@ -282,7 +282,7 @@ def _edit_config(path, **changes):
     ("missing-key", "missing key\\(s\\) hidden_size"),
     ("architecture", "architecture 'GPT2LMHeadModel' is not supported; supported: LlamaForCausalLM"),
     ("shape", "has shape .* expected"),
-    ("truncated", "cannot read safetensors"),
+    ("truncated", "cannot read safetensors file \\(truncated: [0-9]+ bytes, while its header says [0-9]+\\)"),
     ("no-weights", "no weights"),
     ("missing-tensor", "missing tensor\\(s\\) layers.2"),
 ])
