@@ -235,3 +235,25 @@ def test_cli_bad_args(args, tmp_path):
     assert len(res.stderr.strip().splitlines()[-1]) > 0 and "error" in res.stderr.strip().splitlines()[-1]
     assert res.stdout == ""
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_plot_legend_covers_no_curve(tmp_path):
+    """The legend sits below the axes: inside, RandPos's and N = 3's fall at the right end and the first chunks at the
+    left would be under it for some train_len / target."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = coverage.coverage_table(32, 128, [2, 3], True, 50, 0, "uniform")
+    figures, real_close = [], plt.close
+    try:
+        plt.close = figures.append  # keep write_plot's figure to look at
+        coverage.write_plot(tmp_path / "c.png", rows, 32, 128)
+    finally:
+        plt.close = real_close
+    fig = figures[0]
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend, frame = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert legend.y1 < frame.y0 and len(ax.get_legend().get_texts()) == 4
+    assert fig.get_tightbbox(renderer).y0 >= 0  # and inside the saved image
+    real_close(fig)
