@@ -185,14 +185,20 @@ def accuracy_by_length(records):
     return rows
 
 
-def accuracy_grid(records, lengths, bins):
-    """(len(lengths), bins) accuracy over length x depth bins [i/bins, (i+1)/bins) (depth 1 in the last); NaN where
-    no trial fell."""
-    hits, counts = np.zeros((len(lengths), bins)), np.zeros((len(lengths), bins))
+def accuracy_counts(records, lengths, bins):
+    """(hits, trials), each (len(lengths), bins): correct answers and trials over length x depth bins
+    [i/bins, (i+1)/bins) (depth 1 in the last)."""
+    hits, counts = np.zeros((len(lengths), bins), dtype=np.int64), np.zeros((len(lengths), bins), dtype=np.int64)
     for r in records:
         i, j = lengths.index(r["length"]), min(int(r["depth"] * bins), bins - 1)
         hits[i, j] += r["correct"]
         counts[i, j] += 1
+    return hits, counts
+
+
+def accuracy_grid(records, lengths, bins):
+    """(len(lengths), bins) accuracy over length x depth bins (accuracy_counts); NaN where no trial fell."""
+    hits, counts = accuracy_counts(records, lengths, bins)
     with np.errstate(invalid="ignore"):
         return hits / counts
 
@@ -209,18 +215,38 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+EMPTY_BIN = "0.8"  # light grey, hatched: no colour of the RdYlGn scale
+
+
 def draw_accuracy_grid(ax, records, lengths, bins, fontsize=7):
-    """The accuracy heatmap of `records` on a matplotlib axis: length (rows) x depth bin (columns), each cell annotated.
-    Returns the image (for a colorbar)."""
-    grid = accuracy_grid(records, lengths, bins)
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    """The accuracy heatmap of `records` on a matplotlib axis: length (rows) x depth bin (columns), each cell annotated
+    with its accuracy and its count ("0.50\n(1/2)"); a bin without a trial is hatched grey, "(0/0)" (empty_bin_legend
+    says so in a legend). Returns the image (for a colorbar)."""
+    from matplotlib.patches import Rectangle
+
+    hits, counts = accuracy_counts(records, lengths, bins)
+    with np.errstate(invalid="ignore"):
+        grid = hits / counts
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     for i in range(len(lengths)):
         for j in range(bins):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=fontsize)
+            if counts[i, j]:
+                text = f"{grid[i, j]:.2f}\n({hits[i, j]}/{counts[i, j]})"
+            else:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=EMPTY_BIN, hatch="///", edgecolor="0.6",
+                                       linewidth=0))
+                text = "(0/0)"
+            ax.text(j, i, text, ha="center", va="center", fontsize=fontsize, linespacing=1.1)
     ax.set_xticks(range(bins), [f"{j / bins:.1f}" for j in range(bins)], fontsize=fontsize + 1)
     ax.set_yticks(range(len(lengths)), [str(n) for n in lengths], fontsize=fontsize + 1)
     return image
+
+
+def empty_bin_legend(fig, fontsize=7):
+    """The legend entry of draw_accuracy_grid's empty bins, in the figure's lower right corner."""
+    from matplotlib.patches import Patch
+    fig.legend(handles=[Patch(facecolor=EMPTY_BIN, hatch="///", edgecolor="0.6", label="no trial in this bin")],
+               loc="lower right", fontsize=fontsize, frameon=False)
 
 
 def write_plot(path, records, lengths, bins, title):
@@ -229,13 +255,17 @@ def write_plot(path, records, lengths, bins, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * bins, 1.2 + 0.45 * len(lengths)))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * bins, 1.2 + 0.55 * len(lengths)))  # two text lines a cell
     image = draw_accuracy_grid(ax, records, lengths, bins)
     ax.set_xlabel("depth of the key (bin start, fraction of the filler)")
     ax.set_ylabel("prompt length (tokens)")
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="accuracy")
-    fig.tight_layout()
+    empty = 0.0
+    if not accuracy_counts(records, lengths, bins)[1].all():
+        empty_bin_legend(fig)
+        empty = 0.25 / fig.get_figheight()  # a strip of 0.25 inch at the bottom for it
+    fig.tight_layout(rect=(0, empty, 1, 1))
     fig.savefig(path, dpi=150)
     plt.close(fig)
 

@@ -150,6 +150,34 @@ def test_accuracy_grid():
     assert grid[0].tolist() == [0.5, 1.0] and np.isnan(grid[1, 0]) and grid[1, 1] == 1.0
 
 
+def test_heatmap_counts_and_empty_bins(tmp_path):
+    """Each cell says its accuracy and its count; a bin without a trial is hatched grey, "(0/0)", and the plot's
+    legend names it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [dict(length=8, depth=0.0, correct=True), dict(length=8, depth=0.05, correct=False),
+               dict(length=8, depth=1.0, correct=True), dict(length=16, depth=0.5, correct=True)]
+    hits, counts = passkey.accuracy_counts(records, [8, 16], 2)
+    assert hits.tolist() == [[1, 1], [0, 1]] and counts.tolist() == [[2, 1], [0, 1]]
+    fig, ax = plt.subplots()
+    passkey.draw_accuracy_grid(ax, records, [8, 16], 2)
+    assert sorted(t.get_text() for t in ax.texts) == ["(0/0)", "0.50\n(1/2)", "1.00\n(1/1)", "1.00\n(1/1)"]
+    [empty] = ax.patches
+    assert empty.get_xy() == (-0.5, 0.5) and empty.get_hatch() == "///"  # row 16, bin 0
+    plt.close(fig)
+    figures = []
+    real_close = plt.close
+    try:
+        plt.close = figures.append  # keep write_plot's figure to look at
+        passkey.write_plot(tmp_path / "p.png", records, [8, 16], 2, "t")
+    finally:
+        plt.close = real_close
+    [legend] = figures[0].legends
+    assert [t.get_text() for t in legend.get_texts()] == ["no trial in this bin"]
+    real_close(figures[0])
+
+
 def test_default_lengths():
     assert passkey.default_lengths(2048, 16384) == [2048, 4096, 8192, 16384]
     assert passkey.default_lengths(2048, 2048) == [2048, 4096]
