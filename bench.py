@@ -6,6 +6,7 @@ is noisy; absolute numbers are only comparable on the same machine.
     python bench.py pose           # one optimizer step: PoSE at train_len vs full-length at 2x, 4x, 8x (Figure 3)
     python bench.py eval           # peak memory of evaluate.py at 8k and 32k tokens (32k vocabulary)
     python bench.py all
+    python bench.py pose --threads 1   # beside another busy process: one thread each (see cli.add_threads)
 
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU, the growth of the process's peak resident set
 (ru_maxrss) over its size before the measured work, each measurement in a fresh subprocess.
@@ -22,6 +23,8 @@ import time
 
 import torch
 
+import cli
+
 
 def rss_mb():
     with open("/proc/self/statm") as f:
@@ -32,9 +35,10 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_in_subprocess(section, **kw):
-    """Run `bench.py _worker` for one measurement; returns its JSON result."""
-    out = subprocess.run([sys.executable, __file__, "_worker", section, json.dumps(kw)], capture_output=True,
+def measure_in_subprocess(section, threads=None, **kw):
+    """Run `bench.py _worker` for one measurement (with --threads `threads`); returns its JSON result."""
+    out = subprocess.run([sys.executable, __file__, "_worker", section, json.dumps(dict(kw, threads=threads))],
+                         capture_output=True,
                          text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"worker {section} {kw} failed:\n{out.stderr[-2000:]}")
@@ -113,8 +117,8 @@ def bench_loss(args):
     print("| T | full logits (B,T,V) fp32 | model.loss (chunked) |")
     print("|---|---|---|")
     for T in (2048, 8192, 32768):
-        full = measure_in_subprocess("loss", seq_len=T, full=True)
-        ours = measure_in_subprocess("loss", seq_len=T, full=False)
+        full = measure_in_subprocess("loss", seq_len=T, full=True, threads=args.threads)
+        ours = measure_in_subprocess("loss", seq_len=T, full=False, threads=args.threads)
         assert abs(full["loss"] - ours["loss"]) < 1e-3 * full["loss"]
         print(f"| {T} | {full['peak_mb']:.0f} | {ours['peak_mb']:.0f} |")
 
@@ -159,8 +163,8 @@ def bench_pose(args):
     rows = []
     for mult in (2, 4, 8):
         target = L * mult
-        pose = measure_in_subprocess("step", seq_len=L, target=target, method="pose")
-        full = measure_in_subprocess("step", seq_len=target, target=target, method="full")
+        pose = measure_in_subprocess("step", seq_len=L, target=target, method="pose", threads=args.threads)
+        full = measure_in_subprocess("step", seq_len=target, target=target, method="full", threads=args.threads)
         rows.append({"target": target, "pose": pose, "full": full})
         print(f"| {target} | {pose['seconds']:.2f} | {full['seconds']:.2f} | {full['seconds'] / pose['seconds']:.1f}x "
               f"| {pose['peak_mb']:.0f} | {full['peak_mb']:.0f} | {full['peak_mb'] / pose['peak_mb']:.1f}x |")
@@ -189,7 +193,7 @@ def bench_eval(args):
     print("| ctx | evaluate.py peak MB | full fp32 logits of one window, MB |")
     print("|---|---|---|")
     for ctx in (8192, 32768):
-        r = measure_in_subprocess("eval", ctx=ctx)
+        r = measure_in_subprocess("eval", ctx=ctx, threads=args.threads)
         print(f"| {ctx} | {r['peak_mb']:.0f} | {ctx * 32000 * 4 / 2**20:.0f} |")
 
 
@@ -199,15 +203,21 @@ SECTIONS = {"model": bench_model, "loss": bench_loss, "pose": bench_pose, "eval"
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
-        print(json.dumps(WORKERS[sys.argv[2]](**json.loads(sys.argv[3]))))
+        kw = json.loads(sys.argv[3])
+        cli.set_threads(kw.pop("threads"))
+        print(json.dumps(WORKERS[sys.argv[2]](**kw)))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", choices=[*SECTIONS, "all"])
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("section", nargs="?", choices=[*SECTIONS, "all"], help="what to measure (required)")
     parser.add_argument("--seq-len", type=int, default=2048, help="model: sequence length")
     parser.add_argument("--train-len", type=int, default=512, help="pose: the training window")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    cli.add_threads(parser)
     args = parser.parse_args()
+    if args.section is None:  # the one-line form of every script's errors, not argparse's usage and exit 2
+        parser.error(f"name a section: {', '.join([*SECTIONS, 'all'])} (bench.py --help says what each measures)")
+    cli.set_threads(args.threads)
     for name, fn in SECTIONS.items():
         if args.section in (name, "all"):
             fn(args)

@@ -1,8 +1,9 @@
-"""What every command line of the project shares: one error form, Ctrl-C, output paths, device and dtype defaults.
+"""What every command line of the project shares: one error form, Ctrl-C, output paths, --threads, progress, device
+and dtype defaults.
 
 Every script reports bad input as one line, `error: ...`, on stderr with exit status 1, never a traceback; Ctrl-C
-prints one line and exits 130 (128 + SIGINT, the shell's convention). Only the standard library is imported here,
-so that numpy-only scripts (coverage.py) stay light.
+prints one line and exits 130 (128 + SIGINT, the shell's convention). Only the standard library is imported at the
+top (torch and tqdm inside the functions that need them), so that numpy-only scripts (coverage.py) stay light.
 """
 import argparse
 import os
@@ -65,6 +66,66 @@ def check_plot_path(flag, path):
     formats = Figure().canvas.get_supported_filetypes()
     if ext not in formats:
         raise UsageError(f"{flag}: unsupported file extension '.{ext}', use one of {', '.join(sorted(formats))}")
+
+
+def add_threads(parser):
+    """--threads N: CPU threads of torch and of the tokenizer; apply it with set_threads(args.threads)."""
+    def count(text):
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: '{text}'") from None
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+        return n
+    parser.add_argument("--threads", type=count, default=None, metavar="N",
+                        help="CPU threads (default: one per core); 1 when the machine is busy or runs another "
+                             "job beside this one: two processes that each use every core run 5-10x slower")
+
+
+def set_threads(n, torch_threads=True):
+    """Apply --threads: torch's intra-op threads (torch_threads) and the `tokenizers` library's pool, which reads
+    RAYON_NUM_THREADS when it starts (sentencepiece takes its count per call: data.prepare's `threads`). None: leave
+    the defaults."""
+    if n is None:
+        return
+    os.environ["RAYON_NUM_THREADS"] = str(n)
+    if torch_threads:
+        import torch
+        torch.set_num_threads(n)
+
+
+class _Lines:
+    """A file for tqdm that writes each display as a line of its own (no carriage returns), for log files."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress(total, desc=None, unit="it", enabled=True, interval=30):
+    """A progress bar on stderr. On a terminal, tqdm's bar, erased at the end; elsewhere (stderr redirected to a log
+    file, where tqdm would disable itself) one plain line at the start, one every `interval` seconds and one at the
+    end, so that a long run says how far it is. enabled=False: a bar that shows nothing."""
+    from tqdm import tqdm
+    if not enabled:
+        return tqdm(total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, file=_Lines(sys.stderr), mininterval=interval,
+                maxinterval=interval, ascii=True)
+
+
+def plural(n, word):
+    """'1 document', '2 documents', '1,000 documents'."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 def positive(name, value, minimum=1):

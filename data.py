@@ -7,7 +7,8 @@ $ python data.py --input assets/books/eval --tokenizer out/tokenizer/tokenizer.m
 $ python data.py --input pile_val.jsonl.gz --tokenizer llama-7b/tokenizer.model --out data/pile --min-tokens 2048
 $ python data.py --input pile_val.jsonl.gz --tokenizer llama-3.1-8b --out data/pile-llama3   # its tokenizer.json
 
-Input: .jsonl (one document per line, in its "text" field), .txt (one document per file), the same
+Input: .jsonl (one JSON object per line, the document in its "text" field: {"text": "..."}; other fields are
+ignored), .txt (one document per file), the same
 gzipped (.jsonl.gz, .txt.gz), or a directory of them (recursive, in sorted order). Empty documents are
 skipped. Each document is encoded as in LLaMA pretraining: BOS first, no EOS (a tokenizer without a BOS, as Qwen2's,
 starts it with its EOS instead: Tokenizer.start_id). Output:
@@ -15,7 +16,9 @@ starts it with its EOS instead: Tokenizer.start_id). Output:
     OUT.idx.npy  int64 offsets, n_docs + 1 of them: document i is OUT.bin[idx[i]:idx[i + 1]]
     OUT.json     dtype, counts, the tokenizer file's path and sha256, its start token, min_tokens, sources
 They are written under temporary names and renamed into place, OUT.json last: a dataset without its
-OUT.json is incomplete and never loads.
+OUT.json is incomplete and never loads. An --out that is an existing directory (or ends with /) holds DIR/data.bin,
+DIR/data.idx.npy and DIR/data.json, and --data DIR reads them. A complete dataset at OUT is not replaced without
+--overwrite.
 
 In code (train.py, evaluate.py):
     corpus = load_corpus("data/pile", tokenizer="llama-7b", min_tokens=2048)   # a prepared dataset
@@ -41,6 +44,7 @@ import cli
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 BATCH_CHARS = 16 * 2**20  # documents go to the tokenizer ~16M characters at a time (one multithreaded call)
+DIR_DATASET = "data"  # a dataset prepared into a directory DIR is DIR/data.bin, DIR/data.idx.npy, DIR/data.json
 
 
 class DataError(ValueError):
@@ -81,11 +85,12 @@ def read_documents(files):
 
 def _jsonl_text(path, lineno, line):
     try:
-        doc = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        doc = json.loads(line.rstrip("\n"))  # columns then count within the line
+    except json.JSONDecodeError as e:  # e.msg alone can be a fragment ("Invalid control character at")
+        raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-        raise DataError(f'{path}:{lineno}: no "text" string field')
+        raise DataError(f'{path}:{lineno}: no "text" string field (each line is a JSON object '
+                        '{"text": "the document", ...})')
     return doc["text"]
 
 
@@ -147,7 +152,7 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=self.path)
         except (OSError, RuntimeError) as e:
-            raise DataError(f"cannot load tokenizer {self.path}: {str(e).strip().splitlines()[0]}") from None
+            raise _not_loaded(self.path, e) from None
         self.tk = None
         self.vocab_size = self.sp.vocab_size()
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
@@ -157,7 +162,7 @@ class Tokenizer:
         try:
             self.tk = HFTokenizer.from_file(self.path)
         except Exception as e:  # the Rust side raises its own Exception type for malformed files
-            raise DataError(f"cannot load tokenizer {self.path}: {str(e).strip().splitlines()[0]}") from None
+            raise _not_loaded(self.path, e) from None
         self.sp = None
         self.tk.no_truncation()  # some files ship a truncation or padding setting; documents are never cut here
         self.tk.no_padding()
@@ -200,6 +205,15 @@ class Tokenizer:
         """The text of `ids`, special tokens (BOS, EOS) left out, as sentencepiece does."""
         ids = [int(i) for i in ids]
         return self.sp.decode(ids) if self.sp is not None else self.tk.decode(ids, skip_special_tokens=True)
+
+
+def _not_loaded(path, e):
+    """The error for a tokenizer file that does not load: a file named as a checkpoint's tokenizer is a broken one
+    (the library's reason follows); any other file (config.json, the weights) is not a tokenizer at all."""
+    if os.path.basename(path) in ("tokenizer.model", "tokenizer.json"):
+        return DataError(f"cannot load tokenizer {path}: {str(e).strip().splitlines()[0]}")
+    return DataError(f"{path} is not a tokenizer: expected a sentencepiece tokenizer.model, a Hugging Face "
+                     "tokenizer.json, or a checkpoint directory holding one")
 
 
 def tokenizer_file(path):
@@ -258,15 +272,24 @@ def token_dtype(vocab_size):
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)  # LLaMA's 32000 fits in uint16
 
 
-def prepare(input_path, tokenizer, out, min_tokens=0, verbose=True, reuse=False):
+def dataset_prefix(path):
+    """The prefix of a dataset named by `path`: OUT itself, or DIR/data for a directory (an existing one, or one
+    written with a trailing /), so that `data.py --out DIR` writes inside DIR and `--data DIR` reads it there."""
+    return os.path.join(path, DIR_DATASET) if path.endswith(os.sep) or os.path.isdir(path) else path
+
+
+def prepare(input_path, tokenizer, out, min_tokens=0, verbose=True, reuse=False, overwrite=True, threads=None):
     """Tokenize `input_path` into OUT.bin / OUT.idx.npy / OUT.json, keeping documents of >= min_tokens tokens.
 
+    OUT is a prefix, or a directory (dataset_prefix). overwrite=False: a complete dataset at OUT is an error (data.py
+    without --overwrite); True replaces it. threads: sentencepiece's (None: one per core); the `tokenizers` library
+    takes its count from cli.set_threads.
     Preparations into one directory take turns (an exclusive flock on the directory itself, so that no lock file is
     left behind): two runs starting on a cold cache never remove or replace each other's files. reuse=True: if OUT is
     complete once it is this call's turn (another process prepared it meanwhile), keep it and return None."""
     files = input_files(input_path)
     tok = load_tokenizer(tokenizer)
-    out = os.path.abspath(out)
+    out = os.path.abspath(dataset_prefix(os.fspath(out)))
     created, d = [], os.path.dirname(out)  # directories made here, deepest first: removed again on failure
     while not os.path.isdir(d):
         created.append(d)
@@ -277,7 +300,9 @@ def prepare(input_path, tokenizer, out, min_tokens=0, verbose=True, reuse=False)
         fcntl.flock(turn, fcntl.LOCK_EX)  # waits while another process prepares into this directory
         if reuse and os.path.isfile(out + ".json"):
             return None
-        meta = _prepare(files, tok, input_path, out, min_tokens, created)
+        if not overwrite and os.path.isfile(out + ".json"):
+            raise DataError(f"{out} already holds a prepared dataset ({out}.json); --overwrite replaces it")
+        meta = _prepare(files, tok, input_path, out, min_tokens, created, threads)
     finally:
         os.close(turn)  # releases the lock
     if verbose:
@@ -285,7 +310,7 @@ def prepare(input_path, tokenizer, out, min_tokens=0, verbose=True, reuse=False)
     return meta
 
 
-def _prepare(files, tok, input_path, out, min_tokens, created):
+def _prepare(files, tok, input_path, out, min_tokens, created, threads):
     """prepare()'s work, done in its turn."""
     dtype = token_dtype(tok.vocab_size)
     for name in os.listdir(os.path.dirname(out)):  # what a killed preparation of OUT left (no live one: it is our turn)
@@ -297,7 +322,7 @@ def _prepare(files, tok, input_path, out, min_tokens, created):
         offsets, n_read, longest = array("q", [0]), 0, 0
         with open(tmp[".bin"], "wb") as f, tqdm(desc=f"tokenizing {input_path}", unit=" docs", disable=None) as bar:
             for batch in batches(read_documents(files), BATCH_CHARS):
-                for ids in tok.encode_batch(batch, bos=True, eos=False, threads=-1):
+                for ids in tok.encode_batch(batch, bos=True, eos=False, threads=threads or -1):
                     n_read, longest = n_read + 1, max(longest, len(ids))
                     if len(ids) >= min_tokens:
                         f.write(np.asarray(ids, dtype=dtype).tobytes())  # ids < vocab_size fit the dtype
@@ -338,7 +363,8 @@ def describe_prepared(out, meta):
     """One line on what prepare() kept: data.py's result on stdout, a cache message on stderr (load_corpus)."""
     min_tokens, n_docs, n_read = meta["min_tokens"], meta["n_docs"], meta["n_docs"] + meta["n_dropped"]
     dropped = f" ({meta['n_dropped']:,} shorter than {min_tokens} tokens dropped)" if min_tokens > 0 else ""
-    return f"{out}: kept {n_docs:,} of {n_read:,} documents{dropped}, {meta['n_tokens']:,} tokens as {meta['dtype']}"
+    return f"{out}: kept {n_docs:,} of {cli.plural(n_read, 'document')}{dropped}, {meta['n_tokens']:,} tokens as " \
+           f"{meta['dtype']}"
 
 
 # -----------------------------------------------------------------------------
@@ -444,17 +470,20 @@ def open_prepared(prefix):
     return Corpus(tokens, offsets, meta=meta)
 
 
-def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None):
+def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None, threads=None):
     """A Corpus of the documents with >= min_tokens tokens, from a prepared dataset or from raw input.
 
-    `path`: a prepared dataset (OUT, OUT.json or OUT.bin), or raw input as for the CLI, which is then
+    `path`: a prepared dataset (OUT, OUT.json or OUT.bin, or the directory data.py --out DIR wrote it into), or
+    raw input as for the CLI, which is then
     prepared into `cache_dir` (default $POSE_CACHE or ~/.cache/pose) under a key made of the input files'
     paths, sizes and mtimes, the tokenizer file's sha256, the token documents start with (Tokenizer.start_id:
     tokenizer_config.json can change it) and min_tokens, so that the next call loads at once.
     `tokenizer` (a path or a Tokenizer) is required for raw input; for a prepared dataset it is
-    checked against the tokenizer the dataset was made with."""
+    checked against the tokenizer the dataset was made with. threads: prepare's, for raw input."""
     path = os.fspath(path)
     prefix = next((path[: -len(e)] for e in (".json", ".bin", ".idx.npy") if path.endswith(e)), path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, DIR_DATASET + ".json")):
+        prefix = os.path.join(path, DIR_DATASET)  # data.py --out DIR
     if os.path.isfile(prefix + ".json"):
         corpus = open_prepared(prefix)
         if tokenizer is not None:
@@ -476,7 +505,8 @@ def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None):
         cache_dir = cache_dir or os.environ.get("POSE_CACHE") or os.path.expanduser("~/.cache/pose")
         cached = os.path.join(cache_dir, f"{os.path.basename(os.path.abspath(path)).split('.')[0]}-{key}")
         if not os.path.isfile(cached + ".json"):
-            meta = prepare(path, tok, cached, min_tokens, verbose=False, reuse=True)  # None: another process did
+            meta = prepare(path, tok, cached, min_tokens, verbose=False, reuse=True,  # None: another process did
+                           threads=threads)
             # a progress message, shown where tqdm's bar is: piped stderr keeps warnings only
             if meta is not None and sys.stderr.isatty():
                 print(f"prepared {path} once, into the cache: {describe_prepared(cached, meta)}", file=sys.stderr)
@@ -489,14 +519,23 @@ def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None):
 
 def main(argv=None):
     p = cli.ArgumentParser(description="Tokenize jsonl/txt documents into OUT.bin + OUT.idx.npy + OUT.json.")
-    p.add_argument("--input", required=True, help=".jsonl, .txt, .jsonl.gz, .txt.gz, or a directory of them")
+    p.add_argument("--input", required=True,
+                   help='.jsonl (one JSON object per line, the document in its "text" field: {"text": "..."}), .txt '
+                        "(one document per file), the same gzipped (.jsonl.gz, .txt.gz), or a directory of them")
     p.add_argument("--tokenizer", required=True,
-                   help="tokenizer.model, tokenizer.json, or the directory of a checkpoint (see Tokenizer)")
-    p.add_argument("--out", required=True, help="output prefix: writes OUT.bin, OUT.idx.npy, OUT.json")
+                   help="tokenizer.model (sentencepiece), tokenizer.json (Hugging Face), or a checkpoint directory "
+                        "holding one (tokenizer.model first when it has both)")
+    p.add_argument("--out", required=True,
+                   help="output prefix: writes OUT.bin, OUT.idx.npy, OUT.json; an existing directory (or one named "
+                        "with a trailing /) gets DIR/data.bin, ...; --data OUT or DIR reads it")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already prepared at --out")
     p.add_argument("--min-tokens", type=int, default=0,
                    help="drop documents shorter than this (the start token, BOS, included)")
+    cli.add_threads(p)
     args = p.parse_args(argv)
-    cli.run(lambda: prepare(args.input, args.tokenizer, args.out, args.min_tokens))
+    cli.set_threads(args.threads, torch_threads=False)  # the `tokenizers` library's pool
+    cli.run(lambda: prepare(args.input, args.tokenizer, args.out, args.min_tokens, overwrite=args.overwrite,
+                            threads=args.threads))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,6 @@ import os
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import cli
 import data
@@ -106,8 +105,8 @@ def perplexity(model, docs, ctx, stride=1024, progress=False):
     docs = [torch.as_tensor(np.asarray(doc, dtype=np.int64)) for doc in docs]
     plans = [list(windows(len(doc) - 1, ctx, stride)) for doc in docs]
     nll, scored = 0.0, 0  # summed in float64 (Python floats), over millions of tokens
-    bar = tqdm(total=sum(map(len, plans)), unit="win", desc=progress if isinstance(progress, str) else None,
-               disable=None if progress else True, leave=False)
+    bar = cli.progress(sum(map(len, plans)), desc=progress if isinstance(progress, str) else None, unit="win",
+                       enabled=bool(progress))
     with bar:
         for doc, plan in zip(docs, plans):
             bos, x = doc[:1], doc[1:]
@@ -169,6 +168,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--json", metavar="FILE", help="write every number printed, and more, to FILE")
+    cli.add_threads(p)
     args = p.parse_args(argv)
     args.model = args.model or [DEFAULT_MODEL]  # the one place a default model comes in
 
@@ -196,28 +196,32 @@ def parse_args(argv=None):
     return args
 
 
-def load_docs(path, tokenizer, n_docs, min_tokens, max_tokens):
+def load_docs(path, tokenizer, n_docs, min_tokens, max_tokens, threads=None):
     """The first n_docs documents of >= min_tokens tokens, truncated to max_tokens (0: whole); n_docs None: up to
     DEFAULT_DOCS, and fewer is no surprise (the six bundled plays), so no warning."""
+    corpus = data.load_corpus(path, tokenizer=tokenizer, threads=threads)  # its errors name the file
     try:
-        corpus = data.load_corpus(path, tokenizer=tokenizer).filter(min_tokens)  # one cache for every min_tokens
+        corpus = corpus.filter(min_tokens)  # after the cache: one cache for every min_tokens
     except data.DataError as e:
         raise data.DataError(f"{path}: {e}") from None
     if n_docs is not None and len(corpus) < n_docs:
-        cli.warn(f"only {len(corpus)} document(s) of {path} have >= {min_tokens} tokens; evaluating those")
+        cli.warn(f"only {cli.plural(len(corpus), 'document')} of {path} "
+                 f"{'has' if len(corpus) == 1 else 'have'} >= {min_tokens} tokens; evaluating those")
     n_docs = DEFAULT_DOCS if n_docs is None else n_docs
     return [corpus[i][:max_tokens or None] for i in range(min(n_docs, len(corpus)))]
 
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.set_threads(args.threads)
     # 1) everything that can fail on bad input, for every model, before any long computation
     docs, by_tokenizer = {}, {}  # models that share a tokenizer share the documents
     for path in args.model:
         hf.read_config(path)
         tok = data.Tokenizer(path)
         if tok.path not in by_tokenizer:
-            by_tokenizer[tok.path] = load_docs(args.data, tok, args.docs, args.min_tokens, args.max_tokens)
+            by_tokenizer[tok.path] = load_docs(args.data, tok, args.docs, args.min_tokens, args.max_tokens,
+                                               args.threads)
         docs[path] = by_tokenizer[tok.path]
     dtype = cli.torch_dtype(args.dtype, args.device)
     # 2) one row per model and rope
@@ -241,7 +245,8 @@ def main(argv=None):
                              supported_window=supported, dtype=str(dtype).removeprefix("torch."), device=args.device,
                              results=results))
         del model
-    print(f"perplexity, sliding window with stride {args.stride}, {len(docs[args.model[0]])} documents "
+    n_docs = cli.plural(len(docs[args.model[0]]), "document")
+    print(f"perplexity, sliding window with stride {args.stride}, {n_docs} "
           f"of >= {args.min_tokens} tokens" + (f" truncated to {args.max_tokens}" if args.max_tokens else "")
           + f" from {args.data}")
     print(format_table(rows, args.ctx))

@@ -43,7 +43,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import cli
 import hf
@@ -157,7 +156,7 @@ def run_passkey(model, tokenizer, lengths, trials=50, seed=0, max_new_tokens=8, 
     decoder = Decoder(model, use_cache) if isinstance(model, torch.nn.Module) else model
     rng = np.random.default_rng(seed)
     records = []
-    with tqdm(total=len(lengths) * trials, unit="trial", disable=None if progress else True, leave=False) as bar:
+    with cli.progress(len(lengths) * trials, desc="passkey", unit="trial", enabled=progress) as bar:
         for length in lengths:
             correct = 0
             for trial in range(trials):
@@ -306,6 +305,7 @@ def parse_args(argv=None):
     p.add_argument("--plot", metavar="FILE", help="write an accuracy heatmap over length x depth (.png, .pdf, ...; "
                                                   "default: none)")
     p.add_argument("--depth-bins", type=int, default=10, help="depth bins of the heatmap (default 10)")
+    cli.add_threads(p)
     args = p.parse_args(argv)
     try:
         for n in args.lengths or []:
@@ -327,6 +327,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.set_threads(args.threads)
     # 1) bad input first: the model directory, its tokenizer, lengths too short for the prompt
     hf.read_config(args.model)
     tok = Tokenizer(args.model)
@@ -348,7 +349,7 @@ def main(argv=None):
     records = run_passkey(model, tok, lengths, args.trials, args.seed, args.max_new_tokens, progress=True,
                           use_cache=args.cache)
     rows = accuracy_by_length(records)
-    print(f"passkey retrieval, {name}, rope {rope}, {args.trials} trials per length, seed {args.seed}")
+    print(f"passkey retrieval, {name}, rope {rope}, {cli.plural(args.trials, 'trial')} per length, seed {args.seed}")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
@@ -358,7 +359,7 @@ def main(argv=None):
                            max_new_tokens=args.max_new_tokens, accuracy=rows, records=records), f, indent=2)
     if args.plot:
         write_plot(args.plot, records, lengths, args.depth_bins,
-                   f"passkey retrieval: {name}, rope {rope}, {args.trials} trials per length")
+                   f"passkey retrieval: {name}, rope {rope}, {cli.plural(args.trials, 'trial')} per length")
 
 
 if __name__ == "__main__":

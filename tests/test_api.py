@@ -46,11 +46,11 @@ def test_python_api(tiny_model_dir, tmp_path):
 def test_command_lines_document_their_flags(script):
     """Every flag of DESIGN.md's command line is in the script's --help."""
     flags = {
-        "data.py": ["--input", "--tokenizer", "--out", "--min-tokens"],
+        "data.py": ["--input", "--tokenizer", "--out", "--min-tokens", "--overwrite", "--threads", '"text" field'],
         "train.py": ["--target", "--model", "--data", "--out", "--train-len", "--method", "--chunks", "--content",
                      "--rope", "--steps", "--batch-size", "--lr", "--warmup", "--seed", "--save-every", "--resume"],
-        "evaluate.py": ["--ctx", "--model", "--data", "--stride", "--docs", "--rope", "--json"],
-        "passkey.py": ["--model", "--lengths", "--trials", "--seed", "--json", "--plot"],
+        "evaluate.py": ["--ctx", "--model", "--data", "--stride", "--docs", "--rope", "--json", "--threads"],
+        "passkey.py": ["--model", "--lengths", "--trials", "--seed", "--json", "--plot", "--threads"],
         "coverage.py": ["--train-len", "--target", "--chunks", "--samples", "--json", "--plot"],
     }[script]
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True)

@@ -252,8 +252,10 @@ def test_cli_errors(tmp_path, spm_tokenizer):
     (tmp_path / "emptydir" / "blank.txt").write_text("  \n")
     cases = {  # name: (--input, --tokenizer, extra args, expected message)
         "missing_input": ("nope.jsonl", spm_tokenizer, [], "input not found: .*nope.jsonl"),
-        "malformed": ("bad.jsonl", spm_tokenizer, [], "bad.jsonl:3: malformed JSON"),
-        "no_text": ("notext.jsonl", spm_tokenizer, [], 'notext.jsonl:2: no "text" string field'),
+        "malformed": ("bad.jsonl", spm_tokenizer, [], "bad.jsonl:3: malformed JSON \\(Expecting ',' delimiter at "
+                                                      "column 16\\)$"),
+        "no_text": ("notext.jsonl", spm_tokenizer, [], 'notext.jsonl:2: no "text" string field \\(each line is a '
+                                                       'JSON object {"text": "the document", ...}\\)$'),
         "missing_tokenizer": ("good.jsonl", "missing.model", [], "tokenizer not found: missing.model"),
         "no_documents": ("empty.jsonl", spm_tokenizer, [], "no documents in .*empty.jsonl"),
         "no_documents_dir": ("emptydir", spm_tokenizer, [], "no documents in .*emptydir"),
@@ -330,3 +332,41 @@ def test_leftovers_of_a_killed_preparation_are_removed(tmp_path, tok):
     (tmp_path / "other.bin.tmp999").write_text("not ours")
     data.prepare(str(tmp_path / "docs.jsonl"), tok, str(tmp_path / "x"), verbose=False)
     assert sorted(os.listdir(tmp_path)) == ["docs.jsonl", "other.bin.tmp999", "x.bin", "x.idx.npy", "x.json"]
+
+
+def test_out_directory_overwrite_and_threads(tmp_path, spm_tokenizer):
+    """data.py --out: an existing directory (or one named with a trailing /) holds DIR/data.*, which --data DIR reads;
+    a dataset already there is kept unless --overwrite; --threads 1 tokenizes to the same ids."""
+    write_jsonl(tmp_path / "docs.jsonl", DOCS)
+    (tmp_path / "existing").mkdir()
+
+    def prepare_cli(out, *extra):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--input", "docs.jsonl", "--tokenizer",
+                               spm_tokenizer, "--out", out, *extra], cwd=tmp_path, capture_output=True, text=True)
+
+    first, slash = prepare_cli("existing"), prepare_cli("new/", "--threads", "1")
+    assert first.returncode == 0 and slash.returncode == 0, first.stderr + slash.stderr
+    assert sorted(os.listdir(tmp_path / "existing")) == ["data.bin", "data.idx.npy", "data.json"]
+    assert sorted(os.listdir(tmp_path / "new")) == ["data.bin", "data.idx.npy", "data.json"]
+    assert not os.path.exists(tmp_path / "existing.bin")
+    corpus = load_corpus(str(tmp_path / "existing"), tokenizer=spm_tokenizer)
+    assert tokens_of(corpus) == tokens_of(load_corpus(str(tmp_path / "new"))) == [Tokenizer(spm_tokenizer).encode(t)
+                                                                                 for t in DOCS]
+    stamp = os.stat(tmp_path / "existing" / "data.json").st_mtime_ns
+    again = prepare_cli("existing")
+    assert again.returncode == 1 and again.stdout == ""
+    assert again.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'existing' / 'data'} already holds a prepared dataset "
+        f"({tmp_path / 'existing' / 'data.json'}); --overwrite replaces it"]
+    assert os.stat(tmp_path / "existing" / "data.json").st_mtime_ns == stamp
+    replaced = prepare_cli("existing", "--overwrite", "--min-tokens", "20")
+    assert replaced.returncode == 0, replaced.stderr
+    assert load_corpus(str(tmp_path / "existing")).meta["min_tokens"] == 20
+
+
+def test_messages_count_documents_in_words():
+    meta = dict(min_tokens=0, n_docs=1, n_dropped=0, n_tokens=12, dtype="uint16")
+    assert data.describe_prepared("x", meta) == "x: kept 1 of 1 document, 12 tokens as uint16"
+    meta.update(n_docs=2, n_dropped=1000, min_tokens=5)
+    assert data.describe_prepared("x", meta) == ("x: kept 2 of 1,002 documents (1,000 shorter than 5 tokens "
+                                                 "dropped), 12 tokens as uint16")

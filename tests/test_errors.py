@@ -66,6 +66,11 @@ def bad(tmp_path_factory, tiny_model_dir):
     (root / "foreign" / "notes.txt").write_text("mine")
     (root / "afile").write_text("x")
     (root / "object.jsonl").write_text('{"text": "fine"}\n[1, 2]\n')
+    (root / "docs").mkdir()  # a directory of raw input whose fourth line has a raw tab inside a string
+    (root / "docs" / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n{"text": "a\tb"}\n')
+    shutil.copytree(base, root / "truncated")
+    weights = (root / "truncated" / "model.safetensors").read_bytes()
+    (root / "truncated" / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     return root
 
 
@@ -117,6 +122,7 @@ def test_bad_input_from_the_command_line(tmp_path, bad, tiny_model_dir, text_cor
     import data
     prepared = str(tmp_path / "prepared")  # a prepared dataset: no preparation message before the error
     data.prepare(text_corpus, data.Tokenizer(tiny_model_dir), prepared, verbose=False)
+    prepared_files = {ext: os.stat(prepared + ext).st_mtime_ns for ext in (".bin", ".idx.npy", ".json")}
     cases = [
         ("train.py", ["--model", bad / "nan", "--data", text_corpus, "--target", 128, "--out", "o"], "holds NaN"),
         ("evaluate.py", ["--model", bad / "nan", "--data", prepared, "--ctx", 32, "--docs", 3], "holds NaN"),
@@ -127,6 +133,20 @@ def test_bad_input_from_the_command_line(tmp_path, bad, tiny_model_dir, text_cor
          "File exists"),
         ("coverage.py", ["--chunks", 0], "--chunks values must be in"),
         ("coverage.py", ["--no-such-flag"], "unrecognized arguments"),
+        # a jsonl line that is not JSON: the reason complete, its column, the file named once
+        ("data.py", ["--input", bad / "docs", "--tokenizer", tiny_model_dir, "--out", "d/x"],
+         f"error: {bad / 'docs' / 'a.jsonl'}:4: malformed JSON (Invalid control character at column 12)"),
+        ("evaluate.py", ["--model", tiny_model_dir, "--data", bad / "docs", "--ctx", 32],
+         f"error: {bad / 'docs' / 'a.jsonl'}:4: malformed JSON (Invalid control character at column 12)"),
+        ("data.py", ["--input", text_corpus, "--tokenizer", os.path.join(tiny_model_dir, "config.json"),
+                     "--out", "d/x"],
+         "config.json is not a tokenizer: expected a sentencepiece tokenizer.model, a Hugging Face tokenizer.json"),
+        ("data.py", ["--input", text_corpus, "--tokenizer", tiny_model_dir, "--out", prepared],
+         "already holds a prepared dataset (" + prepared + ".json); --overwrite replaces it"),
+        ("passkey.py", ["--model", bad / "truncated"], "model.safetensors: cannot read safetensors file (truncated: "),
+        ("bench.py", [], "name a section: model, loss, pose, eval, all"),
+        *[(script, ["--threads", 0], "argument --threads: must be >= 1, got 0")
+          for script in ("evaluate.py", "passkey.py", "data.py", "bench.py")],
     ]
     before = snapshot(bad)
     procs = []
@@ -136,6 +156,7 @@ def test_bad_input_from_the_command_line(tmp_path, bad, tiny_model_dir, text_cor
     for proc, match in procs:
         one_line_error(proc, match)
     assert snapshot(bad) == before
+    assert {ext: os.stat(prepared + ext).st_mtime_ns for ext in prepared_files} == prepared_files
     assert all(set(os.listdir(tmp_path / f"cwd{i}")) <= {"cache"} for i in range(len(cases)))
 
 

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -154,8 +155,8 @@ def test_cli_table_json_and_warning(tiny_model_dir, corpus_file, tmp_path):
     assert proc.returncode == 0, err
     # stderr: ctx 128 is beyond the 64 positions of the unscaled model (a warning), not beyond linear:4's 256;
     # stdout: the results only, a header line and the table (no cache message between them)
-    assert err.strip().splitlines() == [f"warning: {os.path.basename(tiny_model_dir)} with rope none supports 64 "
-                                        "positions, fewer than ctx 128"]
+    assert [line for line in err.splitlines() if "%|" not in line] == [  # progress lines aside
+        f"warning: {os.path.basename(tiny_model_dir)} with rope none supports 64 positions, fewer than ctx 128"]
     header, *table = out.strip().splitlines()
     assert header.startswith("perplexity, sliding window with stride 16, 3 documents") and len(table) == 4
     result = json.load(open(tmp_path / "out.json"))
@@ -178,6 +179,24 @@ def test_cli_table_json_and_warning(tiny_model_dir, corpus_file, tmp_path):
     corpus = data.load_corpus(corpus_file, Tokenizer(tiny_model_dir), cache_dir=str(tmp_path / "cache")).filter(128)
     docs = [corpus[i][:128] for i in range(3)]
     assert result["rows"][0]["results"][0]["ppl"] == pytest.approx(perplexity(model, docs, 32, 16)["ppl"], rel=1e-6)
+
+
+def test_cli_progress_goes_to_stderr_in_lines(tiny_model_dir, corpus_file, tmp_path):
+    """With stderr redirected (a log file), progress is still written, as plain lines: one at the start and one at the
+    end of each context size (and one every 30 s between); stdout holds the header and the table only."""
+    proc = cli("--model", tiny_model_dir, "--data", corpus_file, "--ctx", 16, 32, "--stride", 8, "--docs", 1,
+               "--threads", 1, cwd=str(tmp_path))
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    name = os.path.basename(tiny_model_dir)
+    header, *table = out.strip().splitlines()
+    assert header.startswith("perplexity, sliding window with stride 8, 1 document of >= 32 tokens") and len(table) == 3
+    assert all(line.startswith("| ") for line in table)
+    lines = err.splitlines()
+    assert "\r" not in err and [line.split(":")[0] for line in lines] == [f"{name} none ctx=16"] * 2 + \
+        [f"{name} none ctx=32"] * 2, err
+    assert re.search(r"ctx=16:   0%\|.*\| 0/3 ", lines[0]) and re.search(r"ctx=16: 100%\|.*\| 3/3 .*ppl=", lines[1])
+    assert re.search(r"ctx=32: 100%\|.*\| 1/1 ", lines[3]), err
 
 
 def test_cli_bad_input(tiny_model_dir, corpus_file, tmp_path):

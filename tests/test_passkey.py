@@ -242,9 +242,14 @@ def test_cli(tiny_model_dir, tmp_path):
     assert not os.path.exists(tmp_path / "out.json") and not os.path.exists(tmp_path / "out.png")
     out, err = good.communicate()
     assert good.returncode == 0, err
-    # both lengths are beyond the 64 positions of the tiny unscaled model: a warning, and the run goes on
-    assert err.strip().splitlines() == [f"warning: {os.path.basename(tiny_model_dir)} with rope none supports 64 "
-                                        "positions, fewer than length 300, 400"]
+    # both lengths are beyond the 64 positions of the tiny unscaled model: a warning, and the run goes on; progress
+    # in plain lines though stderr is no terminal (the first and the last here: one every 30 s between)
+    lines = err.strip().splitlines()
+    assert lines[0] == (f"warning: {os.path.basename(tiny_model_dir)} with rope none supports 64 positions, fewer "
+                        "than length 300, 400")
+    assert len(lines) == 3 and "\r" not in err, err
+    assert re.match(r"passkey:   0%\|.*\| 0/4 ", lines[1]) and re.match(r"passkey: 100%\|.*\| 4/4 .*acc=", lines[2])
+    assert out.splitlines()[0].endswith("2 trials per length, seed 0") and len(out.strip().splitlines()) == 5
     result = json.load(open(tmp_path / "good.json"))
     assert result["lengths"] == [300, 400] and result["trials"] == 2 and result["seed"] == 0
     assert len(result["records"]) == 4

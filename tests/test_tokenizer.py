@@ -166,6 +166,23 @@ def test_which_file_a_directory_reads(spm_tokenizer, hf_tokenizer_dirs, tmp_path
         Tokenizer(tmp_path)
 
 
+def test_a_file_that_is_no_tokenizer(tmp_path):
+    """Another file of a checkpoint given as the tokenizer (config.json, the weights) is "not a tokenizer", in one
+    line; a broken file named as a tokenizer says why it does not load."""
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 256}')
+    (tmp_path / "weights.bin").write_bytes(bytes(range(256)) * 4)
+    for path in (tmp_path / "config.json", tmp_path / "weights.bin"):
+        with pytest.raises(DataError) as e:
+            Tokenizer(path)
+        assert str(e.value) == (f"{path} is not a tokenizer: expected a sentencepiece tokenizer.model, a Hugging Face "
+                                "tokenizer.json, or a checkpoint directory holding one")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(DataError, match="^cannot load tokenizer .*tokenizer.json: ") as e:
+        Tokenizer(tmp_path / "broken")
+    assert "\n" not in str(e.value)
+
+
 def test_prepare_and_cache_with_tokenizer_json(hf_tokenizer_dirs, tmp_path):
     """data.prepare stores each document from the start token; the cache is keyed on the tokenizer.json file and the
     start token, so a changed start token prepares again, and a prepared dataset is checked against both."""
