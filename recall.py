@@ -36,7 +36,7 @@ Lengths. A distance is measured in sequences of the shortest length of the ladde
 on home ground, so the in-window rows say what the model can do at all before any row beyond it is read as failing at
 length. Each record keeps the length it was measured at.
 
-Output: a table per model on stdout (tqdm on stderr); --json with, per model, `distances` and the per-distance means
+Output: a table per model on stdout (progress on stderr, a line every 30 s in a log file); --json with, per model, `distances` and the per-distance means
 `first_nll`, `copy_nll`, `copy_ratio`, `copy_accuracy`, `passkey_accuracy`, `passkey_nll`, `multikey_accuracy` (lists
 aligned with `distances`, null where a task was skipped), and every probe and trial; --plot draws each metric against
 distance, the original window and the supported window marked.
@@ -47,7 +47,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import cli
 import data
@@ -323,8 +322,8 @@ def run_recall(model, tok, stream, distances, window, tasks=TASKS, passage=32, s
     out = {}
     seqs = copy_sequences(stream, tok.start_id, distances, window, passage, sequences, seed) if "copy" in tasks else []
     total = len(seqs) + trials * len(distances) * sum(t in tasks for t in ("passkey", "multikey"))
-    with tqdm(total=total, unit="seq", disable=None if progress else True, leave=False,
-              desc=progress if isinstance(progress, str) else None) as bar:
+    with cli.progress(total, desc=progress if isinstance(progress, str) else None, unit="seq",
+                      enabled=bool(progress)) as bar:
         if "copy" in tasks:
             out["copy"] = []
             for seq in seqs:
@@ -426,6 +425,7 @@ def parse_args(argv=None):
                    help="the model's original window (default: from its config.json, see rope.original_window)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    cli.add_threads(p)
     p.add_argument("--json", metavar="FILE", help="write the means and every probe and trial to FILE")
     p.add_argument("--plot", metavar="FILE", help="write the metrics against distance (.png, .pdf, ...)")
     args = p.parse_args(argv)
@@ -465,6 +465,7 @@ def default_distances(window, supported):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.set_threads(args.threads)
     # 1) bad input first: every model directory, its tokenizer and the held-out text
     streams = {}
     for path in args.model:
