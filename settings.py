@@ -80,6 +80,7 @@ class Settings:
     world: int = 1  # processes
     device: str = "cpu"  # cpu or cuda
     threads: int | None = None  # torch's CPU threads (None: torch's default)
+    dry_run: bool = False  # print the settings, the first examples and the memory plan; load and write nothing
 
     @property
     def seq_len(self):
@@ -169,6 +170,14 @@ def parser(doc=None):
                                                                "state in CPU memory (FSDP2 CPUOffloadPolicy)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of each process (torch.set_num_threads; default: torch's, one per core)")
+    p.add_argument("--dry-run", action="store_true", help="print every resolved setting, the first examples' "
+                   "positions and the memory plan per process, then exit; reads config.json, the tokenizer and the "
+                   "data (raw text is prepared into the cache, as the run would), loads no weights, writes no --out; "
+                   "on CUDA, says whether the plan fits the free memory")
+    p.add_argument("--world", type=int, default=None, help="with --dry-run: plan for this many processes "
+                   "(default: torchrun's WORLD_SIZE, else 1)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="with --dry-run: plan for this device "
+                   "type, its defaults of --precision and --grad-checkpointing included (default: this machine's)")
     return p
 
 
@@ -185,9 +194,13 @@ def resolve(args, world=None, device=None):
     CheckpointError/DataError) with one line. world: the number of processes (default: torchrun's WORLD_SIZE, else
     1); device: "cuda" or "cpu" (default: cuda when this machine has it). `args` is read, never changed."""
     import torch
-    world = world or int(os.environ.get("WORLD_SIZE", 1))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     v = dict(vars(args))  # the given values; None where a recipe or a rule decides
+    planned_world, planned_device = v.pop("world"), v.pop("device")
+    if (planned_world or planned_device) and not v["dry_run"]:
+        raise UsageError("--world and --device plan a --dry-run; a run's processes and devices are torchrun's")
+    world = world or planned_world or int(os.environ.get("WORLD_SIZE", 1))
+    device = device or planned_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cli.positive("--world", world)
     v["model"] = v["model"] or BUNDLED_MODEL
     v["data"] = v["data"] or BUNDLED_DATA
     fields = hf.read_config(v["model"])  # CheckpointError on a bad directory

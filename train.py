@@ -32,10 +32,10 @@ step, loss, lr, tokens, seconds, ...), args.json, checkpoints/step_N (sharded, t
 max_position_embeddings = target (hf.py says why dynamic NTK differs), safetensors in the base checkpoint's dtype,
 tokenizer files).
 
-This file is the run from top to bottom: setup, build, examples, the loop, export. What it runs with is a frozen
-settings.Settings (settings.py: the command line, the recipes, every default and check); the run directory's checks,
-args.json and log.jsonl are rundir.py's; checkpoints and the export are checkpoints.py's.
+Here: setup, build, examples, the loop, export, top to bottom; settings.py resolves the frozen Settings they take,
+rundir.py checks --out and writes args.json and the log, checkpoints.py saves, loads and exports, memory.py plans.
 """
+import dataclasses
 import math
 import os
 import resource
@@ -55,6 +55,7 @@ import checkpoints
 import cli
 import data
 import hf
+import memory
 import pose
 import rundir
 import settings
@@ -211,6 +212,8 @@ def train(s, device, mesh):
     rank, world = dist.get_rank(), dist.get_world_size()
     # 1) every check of --out before anything is written, then the model, the data, the optimizer
     start = broadcast(on_rank0(lambda: rundir.find_start(s)))
+    if device.type == "cuda":  # will it fit? asked before any weight goes to the GPU
+        memory.check_fits(memory.plan_of(s), free_memory(device))
     model, corpus = build(s, device, mesh, rank)
     pool = data.ReplayPool(s.replay) if s.replay else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
@@ -304,6 +307,46 @@ def optimizer_step(model, optimizer, lr, step, s, corpus, pool, device, micro_st
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# will it fit?
+
+def free_memory(device):
+    """{device name: free bytes} of the fullest GPU of the run, the same on every rank (a collective)."""
+    free = torch.tensor(torch.cuda.mem_get_info(device)[0], device=device)
+    dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    return {"the GPU with the least free memory" if dist.get_world_size() > 1 else str(device): free.item()}
+
+
+def position_runs(positions, most=4):
+    """'0-1013, 9876-10909': the runs of consecutive positions of an example."""
+    cuts = np.flatnonzero(np.diff(positions) != 1) + 1
+    runs = [f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in np.split(positions, cuts)]
+    return ", ".join(runs) if len(runs) <= most else f"{', '.join(runs[:most - 1])}, ..., {runs[-1]} ({len(runs)} runs)"
+
+
+def dry_run(s):
+    """--dry-run: every setting, the first examples' positions and the memory plan. Loads no weights (config.json
+    and the tokenizer are all it needs of --model) and writes nothing into --out."""
+    start = rundir.find_start(s)  # the run's own checks of --out
+    print(f"dry run: {'resume from step ' + str(start.step) if start.checkpoint else 'a new run'} in {s.out}; "
+          "nothing is loaded to a device or written")
+    print("\n".join(f"  {k:<19} {v}" for k, v in dataclasses.asdict(s).items()))
+    for line in settings.warnings(s):
+        cli.warn(line)
+    corpus = data.load_corpus(s.data, data.Tokenizer(s.model), min_tokens=s.seq_len)
+    print(f"the first examples ({s.seq_len} tokens each, from {corpus}), their positions:")
+    print("\n".join(f"  example {i}: {position_runs(example(i, s, corpus)[1])}" for i in range(3)))
+    plan = memory.plan_of(s)
+    print(f"memory plan per process: {plan.params / 1e9:.3g}e9 parameters, {s.world} process(es) on {s.device}, "
+          f"micro-batch {s.micro_batch_size} x {s.seq_len} tokens, {s.precision}, activation checkpointing "
+          f"{'on' if s.grad_checkpointing else 'off'}, CPU offload {'on' if s.cpu_offload else 'off'}\n{plan.table()}")
+    if s.device == "cuda" and torch.cuda.is_available():
+        free = {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(min(s.world, torch.cuda.device_count()))}
+        print("\n".join(f"{name}: {f / memory.GB:.1f} GB free" for name, f in free.items()))
+        memory.check_fits(plan, free)
+        print(f"fits: {plan.peak / memory.GB:.1f} GB per process")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 
 def summary(s, removed=None):
     """What the run left and what to run next (rank 0). removed: the checkpoints folder --delete-checkpoints removed."""
@@ -338,6 +381,8 @@ def main(argv=None):
         s = settings.from_command_line(argv, __doc__)
         if s.threads:
             torch.set_num_threads(s.threads)
+        if s.dry_run:
+            return dry_run(s) if rank == 0 else None
         device, mesh = setup_distributed()
         train(s, device, mesh)
     except KeyboardInterrupt as e:
