@@ -168,8 +168,7 @@ def parser(doc=None):
                    help="recompute each block in backward (default: on for CUDA)")
     p.add_argument("--cpu-offload", action="store_true", help="keep sharded parameters, gradients and optimizer "
                                                                "state in CPU memory (FSDP2 CPUOffloadPolicy)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of each process (torch.set_num_threads; default: torch's, one per core)")
+    cli.add_threads(p)  # per process
     p.add_argument("--dry-run", action="store_true", help="print every resolved setting, the first examples' "
                    "positions and the memory plan per process, then exit; reads config.json, the tokenizer and the "
                    "data (raw text is prepared into the cache, as the run would), loads no weights, writes no --out; "
@@ -231,8 +230,6 @@ def resolve(args, world=None, device=None):
     for flag in ("lr", "grad_clip", "weight_decay"):
         if not math.isfinite(v[flag]) or v[flag] < 0 or (flag == "lr" and v[flag] == 0):
             raise UsageError(f"--{flag.replace('_', '-')} must be {'> 0' if flag == 'lr' else '>= 0'}, got {v[flag]}")
-    if v["threads"] is not None:
-        cli.positive("--threads", v["threads"])
     if v["target"] < v["train_len"]:
         raise UsageError(f"--target {v['target']} is below the training length {v['train_len']}: nothing to extend")
     if v["method"] == "pose" and v["chunks"] > v["train_len"]:

@@ -267,24 +267,37 @@ def train(s, device, mesh):
 
 
 def optimizer_step(model, optimizer, lr, step, s, corpus, pool, device, micro_steps):
-    """One optimizer step over the global batch (and the replay windows, if any); returns the method's loss and the
-    replay's (None without one), each averaged over the batch, and the gradient norm.
-
-    The step minimizes (1 - w) * method loss + w * replay loss, w = --replay-weight (0 without replay)."""
+    """Optimizer step `step` of the run: this rank's micro-batches of the global batch and its share of the replay
+    windows (if any) through `update`; returns the method's loss and the replay's (None without one), each averaged
+    over the batch, and the gradient norm."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    batches = (batch_for(step, micro, rank, world, s, corpus) for micro in range(micro_steps))
+    replay = [torch.from_numpy(a[rank::world]) for a in replay_windows(step, s, pool)] if pool else None
+    loss, replay_loss, grad_norm = update(model, optimizer, lr, batches, micro_steps, replay,
+                                          s.replay_weight if pool else 0.0, s.grad_clip, device)
+    if not math.isfinite(loss) or not math.isfinite(replay_loss or 0.0):
+        raise UsageError(f"loss is {loss} at step {step + 1}; lower --lr or check the data")
+    return loss, replay_loss, grad_norm
+
+
+def update(model, optimizer, lr, batches, n_batches, replay, w, grad_clip, device):
+    """One optimizer step of `model` on `n_batches` micro-batches (tokens, targets, positions) and the replay windows
+    (input_ids, targets) or None, minimizing (1 - w) * method loss + w * replay loss; the gradient is clipped to
+    norm grad_clip (0: not clipped). Returns the method's loss, the replay's (None) and the gradient norm, the losses
+    averaged over the ranks. Every rank calls it (FSDP's gradient reduction, the all-reduces)."""
+    world = dist.get_world_size()
     for group in optimizer.param_groups:
         group["lr"] = lr
-    w = s.replay_weight if pool else 0.0
     losses = torch.zeros(2, device=device)  # method, replay
-    for micro in range(micro_steps):
-        ids, targets, positions = (t.to(device) for t in batch_for(step, micro, rank, world, s, corpus))
+    for batch in batches:
+        ids, targets, positions = (t.to(device) for t in batch)
         loss = model(ids, positions, targets=targets)
         # Every example has the same number of targets, so the mean of the micro-batch means is the global mean:
         # each backward() adds to the gradient, hence the division; FSDP averages over the ranks.
-        (loss * (1 - w) / micro_steps).backward()
-        losses[0] += loss.detach() / micro_steps
-    if pool:  # this rank's share of the step's replay windows, in one micro-step at positions 0..L-1
-        ids, targets = (torch.from_numpy(a[rank::world]).to(device) for a in replay_windows(step, s, pool))
+        (loss * (1 - w) / n_batches).backward()
+        losses[0] += loss.detach() / n_batches
+    if replay is not None:  # this rank's share of the step's replay windows, in one micro-step at positions 0..L-1
+        ids, targets = (t.to(device) for t in replay)
         # The windows are padded (targets -100) by different amounts, so each rank's mean is over its own count of
         # targets: weighting it by count x world / global count makes FSDP's average over the ranks the mean over
         # every replay target of the step (the weight is exactly 1.0 in one process).
@@ -295,15 +308,13 @@ def optimizer_step(model, optimizer, lr, step, s, corpus, pool, device, micro_st
         loss = model(ids, None, targets=targets)
         (loss * (w * share)).backward()
         losses[1] += loss.detach() * share
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip or float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(losses, op=dist.ReduceOp.SUM)  # average the logged losses over ranks
     loss, replay_loss = (losses / world).tolist()
-    if not math.isfinite(loss) or not math.isfinite(replay_loss):
-        raise UsageError(f"loss is {loss} at step {step + 1}; lower --lr or check the data")
-    return loss, replay_loss if pool else None, grad_norm.item()
+    return loss, replay_loss if replay is not None else None, grad_norm.item()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -379,8 +390,7 @@ def main(argv=None):
     s = None
     try:
         s = settings.from_command_line(argv, __doc__)
-        if s.threads:
-            torch.set_num_threads(s.threads)
+        cli.set_threads(s.threads)
         if s.dry_run:
             return dry_run(s) if rank == 0 else None
         device, mesh = setup_distributed()

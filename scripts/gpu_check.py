@@ -19,7 +19,7 @@ Sections (each prints its progress on stderr and adds rows to one table):
   3. memory    torch.cuda.max_memory_allocated of training steps (train.py's FSDP2 + bf16 + checkpointing setup,
                2048 tokens) and of evaluation windows (bf16, model.loss under no_grad, 32k and 128k tokens) for
                models with LLaMA-7B's layer shape and two layer counts; a straight line through the two gives each
-               quantity at 32 layers, compared row by row with the README's table scaled to one GPU.
+               quantity at 32 layers, compared row by row with memory.py's plan for one GPU (train.py --dry-run).
   4. speed     tokens/s and model FLOPs utilization of a training step, PoSE (2048 tokens, positions up to 16k) vs
                full-length (16k tokens), and our training step vs transformers' LlamaForCausalLM (sdpa) on the same
                weights, timed alternately.
@@ -48,7 +48,9 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import memory  # noqa: E402
 import passkey  # noqa: E402
+import train  # noqa: E402
 from data import Tokenizer  # noqa: E402
 from model import LLaMA, ModelConfig  # noqa: E402
 from pose import skip_positions  # noqa: E402
@@ -56,7 +58,7 @@ from pose import skip_positions  # noqa: E402
 TRAIN = os.path.join(ROOT, "train.py")
 TINY_MODEL = os.path.join(ROOT, "assets", "tiny")  # the bundled tiny base model (vocab 4096, 256-token window)
 BOOKS = os.path.join(ROOT, "assets", "books", "train")
-GB = 1e9  # decimal gigabytes, as the README's memory table
+GB = memory.GB  # decimal gigabytes, as train.py --dry-run's plan
 
 # bf16 keeps 8 significant bits (unit roundoff u = 2^-8 = 3.9e-3) and every matrix product, norm and residual add
 # rounds its output once; the errors grow through the layers, more so where attention is sharp. On the CPU in bf16 the
@@ -82,19 +84,7 @@ MEMORY_EXACT_RTOL = 0.02  # fp32 weights, gradients and AdamW state are bytes x 
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
                ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
 
-# The README's memory table ("At scale: LLaMA-7B on 8 GPUs"), per GPU at 8 GPUs, and whether FSDP shards the row
-# (scaled x8 to one GPU) or every GPU holds it whole; "per_example" rows grow with --micro-batch-size.
-README_WORLD = 8
-README_TRAIN_ROWS = (
-    ("fp32 master weights", 3.4, True, False),
-    ("fp32 gradients", 3.4, True, False),
-    ("AdamW moments", 6.7, True, False),
-    ("bf16 weights of the running block + the prefetched one", 0.8, False, False),
-    ("bf16 embeddings and output layer (the FSDP root)", 0.5, False, False),
-    ("activations kept with checkpointing", 0.5, False, True),
-    ("one block recomputed in backward", 0.2, False, True),
-    ("loss: one 2048-row chunk of log-probabilities and its gradient", 0.5, False, False),
-)
+PLAN_WORLD = 8  # the README's setting: LLaMA-7B on 8 GPUs
 README_EVAL_GB = {32768: 13.5 + 2.2 + 0.27, 131072: 25.0}  # "Evaluation of a 7B model in bf16 on one 80 GB GPU"
 
 
@@ -490,32 +480,21 @@ class Memory:
             torch.cuda.reset_peak_memory_stats(self.device)
 
 
-def single_process_group(device):
-    """A one-process group (NCCL on CUDA, gloo on the CPU) for FSDP2; no port needed."""
+def fsdp_model(cfg, device, precision="bf16", std=0.02):
+    """The model as train.py builds it (train.shard_model on a meta-device skeleton: FSDP2 per block then the root,
+    fp32 master weights, compute in `precision`), with fresh weights and activation checkpointing, in a one-process
+    group (NCCL on CUDA, gloo on the CPU)."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device.index or 0)  # NCCL binds to the current device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
-
-
-def fsdp_model(cfg, device, precision="bf16", std=0.02):
-    """The model as train.py builds it: meta-device skeleton, FSDP2 per block then the root, fp32 master weights,
-    compute in `precision`, fp32 gradient reduction, activation checkpointing."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    device = torch.device(device)
-    single_process_group(device)
     with torch.device("meta"):
         model = LLaMA(cfg)
-    mesh = init_device_mesh(device.type, (1,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                              reduce_dtype=torch.float32)
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    train.shard_model(model, init_device_mesh(device.type, (1,)), device, precision)
     model.to_empty(device=device)
     torch.manual_seed(0)
     model.init_weights(std)
@@ -541,13 +520,8 @@ def optimizer_for(model):
 
 
 def train_step(model, optimizer, batch):
-    """One optimizer step as train.py takes it: loss, backward, clip at 1.0, AdamW, zero_grad."""
-    loss = model.loss(*batch[:2], batch[2])
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    """One optimizer step of train.py (train.update) on one micro-batch: loss, backward, clip at 1.0, AdamW."""
+    return train.update(model, optimizer, 1e-5, [batch], 1, None, 0.0, 1.0, batch[0].device)[0]
 
 
 def measure_training(device, cfg, seq_len=2048, micro_batch=1, steps=3, precision="bf16"):
@@ -736,19 +710,24 @@ def run_worker(kind, layers, out, timeout=600):
         return json.load(f)
 
 
-def readme_train_gb(micro_batch=1, world=1):
-    """The README's memory rows for `world` GPUs: sharded rows scaled from its 8 GPUs, the others as they are."""
-    rows = {}
-    for name, per_gpu, sharded, per_example in README_TRAIN_ROWS:
-        value = per_gpu * README_WORLD / world if sharded else per_gpu
-        rows[name] = value * (micro_batch if per_example else 1)
-    return rows
+def planned_train(micro_batch=1, world=1):
+    """memory.py's plan of LLaMA-7B training at 2048 tokens per example on `world` GPUs (bf16, checkpointing,
+    accumulating): what `train.py --dry-run` prints."""
+    return memory.plan(seven_b_config(32, {"rope_type": "linear", "factor": 8.0}), world, micro_batch, 2048)
+
+
+def planned_train_gb(micro_batch=1, world=1):
+    """The plan's parts in GB, by the first words of their rows, and its "peak"."""
+    plan = planned_train(micro_batch, world)
+    parts = {key: plan.part(key) / GB for key in ("fp32 master", "fp32 gradients", "AdamW", "bf16 weights gathered",
+                                                   "activations", "the loss")}
+    return dict(parts, peak=plan.peak / GB)
 
 
 def memory_rows(measured, micro_batch=1):
     """Result rows from memory worker results at two or more layer counts: each quantity at those counts, its cost per
-    layer and the straight-line value at 32 layers, next to the README's row scaled to one GPU."""
-    readme = readme_train_gb(micro_batch)
+    layer and the straight-line value at 32 layers, next to memory.py's plan of one GPU (train.py --dry-run)."""
+    plan = planned_train_gb(micro_batch)
     series, oom = {}, []  # quantity -> [(layers, GB)]; windows that did not fit
 
     def add(name, layers, value):
@@ -771,21 +750,19 @@ def memory_rows(measured, micro_batch=1):
                                "out of memory", "fits (README)", "FAIL", **w))
             else:
                 add(f"eval window of {ktokens(w['ctx'])} tokens, bf16: peak", m["eval"]["layers"], w["peak"])
-    total_readme = sum(readme.values())
-    sharded = sum(readme[n] for n, _, s, _ in README_TRAIN_ROWS if s)
-    references = {
-        "fp32 weights": (readme["fp32 master weights"], "fp32 master weights"),
-        "fp32 gradients": (readme["fp32 gradients"], "fp32 gradients"),
-        "AdamW state": (readme["AdamW moments"], "AdamW moments"),
-        "held from forward to backward": (
-            readme["activations kept with checkpointing"] + readme["bf16 embeddings and output layer (the FSDP root)"],
-            "activations kept + bf16 root"),
-        "peak of forward + backward": (total_readme, "total"),
-        "peak of the optimizer step": (sharded, "weights + gradients + AdamW"),
+    sharded = plan["fp32 master"] + plan["fp32 gradients"] + plan["AdamW"]
+    references = {  # (GB, what it is): the plan's rows, and the README's evaluation figures
+        "fp32 weights": (plan["fp32 master"], "plan: fp32 master weights"),
+        "fp32 gradients": (plan["fp32 gradients"], "plan: fp32 gradients"),
+        "AdamW state": (plan["AdamW"], "plan: AdamW moments"),
+        "held from forward to backward": (plan["activations"] + plan["bf16 weights gathered"],
+                                          "plan: activations kept + gathered weights"),
+        "peak of forward + backward": (plan["peak"], "plan: peak"),
+        "peak of the optimizer step": (sharded + plan["fp32 master"], "plan: weights, gradients, AdamW, a copy"),
         "forward + backward peak above weights, gradients and AdamW state": (
-            total_readme - sharded, "the unsharded rows"),
-        "eval window of 32k tokens, bf16: peak": (README_EVAL_GB[32768], "13.5 + 2.2 + 0.27"),
-        "eval window of 128k tokens, bf16: peak": (README_EVAL_GB[131072], "about 25"),
+            plan["peak"] - sharded, "plan: gathered weights, activations, loss"),
+        "eval window of 32k tokens, bf16: peak": (README_EVAL_GB[32768], "README 13.5 + 2.2 + 0.27"),
+        "eval window of 128k tokens, bf16: peak": (README_EVAL_GB[131072], "README about 25"),
     }
     rows, at32 = [], {}
     params = {m["train"]["layers"]: m["train"]["params"] for m in measured}
@@ -805,16 +782,16 @@ def memory_rows(measured, micro_batch=1):
             status = "pass" if ok else "FAIL"
         shown = ", ".join(f"{layers} layers {v:.2f}" for layers, v in points)
         rows.append(row("3 memory", name, f"{shown}; {slope:.3f}/layer; 32 layers {value:.1f} GB",
-                        f"README {ref_name} {ref:.1f} GB, ratio {ratio:.2f}" if ref else "", status,
-                        points=points, per_layer=slope, at_32_layers=value, readme_gb=ref))
-    # the README's per-GPU claim at 8 GPUs: FSDP divides the fp32 state by 8, the rest stays whole
+                        f"{ref_name} {ref:.1f} GB, ratio {ratio:.2f}" if ref else "", status,
+                        points=points, per_layer=slope, at_32_layers=value, planned_gb=ref))
+    # the plan's per-GPU peak at 8 GPUs: FSDP divides the fp32 state by 8, the rest stays whole
     state = at32["fp32 weights"] + at32["fp32 gradients"] + at32["AdamW state"]
-    per_gpu = max(state / README_WORLD + at32["forward + backward peak above weights, gradients and AdamW state"],
-                  at32["peak of the optimizer step"] / README_WORLD)
-    readme_per_gpu = sum(readme_train_gb(micro_batch, README_WORLD).values())
+    per_gpu = max(state / PLAN_WORLD + at32["forward + backward peak above weights, gradients and AdamW state"],
+                  at32["peak of the optimizer step"] / PLAN_WORLD)
+    planned = planned_train_gb(micro_batch, PLAN_WORLD)["peak"]
     rows.append(row("3 memory", "LLaMA-7B per GPU at 8 GPUs, from the 32-layer values (fp32 state / 8 + the rest)",
-                    f"{per_gpu:.1f} GB", f"README about {readme_per_gpu:.1f} GB, ratio {per_gpu / readme_per_gpu:.2f}",
-                    per_gpu_gb=per_gpu, readme_gb=readme_per_gpu))
+                    f"{per_gpu:.1f} GB", f"plan (train.py --dry-run --world 8) {planned:.1f} GB, ratio "
+                    f"{per_gpu / planned:.2f}", per_gpu_gb=per_gpu, planned_gb=planned))
     return rows + oom
 
 

@@ -32,7 +32,7 @@ def tiny_cfg(scaling=None, window=64, vocab=512, n_layers=2):
 def process_group():
     """FSDP2 needs a process group: a one-process gloo group, removed afterwards."""
     import torch.distributed as dist
-    check.single_process_group("cpu")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -233,14 +233,14 @@ def test_param_count_is_llama_7b():
         assert check.param_count(cfg) == sum(p.numel() for p in LLaMA(cfg).parameters())
 
 
-def test_extrapolate_and_readme_scaling():
+def test_extrapolate_and_the_plan_it_is_compared_with():
     assert check.extrapolate([(4, 10.0), (8, 18.0)], 32) == (66.0, 2.0)
-    one, eight = check.readme_train_gb(world=1), check.readme_train_gb(world=8)
-    assert one["fp32 master weights"] == pytest.approx(27.2) and one["AdamW moments"] == pytest.approx(53.6)
-    assert one["bf16 embeddings and output layer (the FSDP root)"] == eight[
-        "bf16 embeddings and output layer (the FSDP root)"] == 0.5
-    assert sum(eight.values()) == pytest.approx(15.3 + 0.7)  # the README: "about 15 GB + 0.7 GB per example"
-    assert check.readme_train_gb(micro_batch=4)["activations kept with checkpointing"] == pytest.approx(2.0)
+    one, eight = check.planned_train_gb(world=1), check.planned_train_gb(world=8)
+    assert one["fp32 master"] == pytest.approx(4 * LLAMA_7B_PARAMS / 1e9) and one["AdamW"] == pytest.approx(
+        8 * LLAMA_7B_PARAMS / 1e9, rel=1e-6)
+    assert one["bf16 weights gathered"] == eight["bf16 weights gathered"]  # every GPU gathers them whole
+    assert eight["peak"] == pytest.approx(17.1, abs=0.05)  # README, "At scale": train.py --dry-run --world 8
+    assert check.planned_train_gb(micro_batch=4)["activations"] == pytest.approx(4 * one["activations"])
 
 
 def synthetic_measurement(layers, grad_bytes=4, activation_per_layer=2048 * 4096 * 2):
