@@ -108,11 +108,11 @@ def plan(cfg, world=1, micro_batch=1, seq_len=2048, precision="bf16", grad_check
         transient = max(outside + loss, tokens * per_token + block * (b + (4 if b < 4 else 0)))
     else:
         transient = outside + loss
-    rows = [Row("fp32 master weights, sharded", f"{count / 1e9:.3g}e9 x 4 B / {world}", weights),
-            Row("fp32 gradients, sharded", f"{count / 1e9:.3g}e9 x 4 B / {world}", weights),
-            Row("AdamW moments, sharded", f"2 x {count / 1e9:.3g}e9 x 4 B / {world}", adam),
+    rows = [Row("fp32 master weights, sharded", f"{count:,} x 4 B / {world}", weights),
+            Row("fp32 gradients, sharded", f"{count:,} x 4 B / {world}", weights),
+            Row("AdamW moments, sharded", f"2 x {count:,} x 4 B / {world}", adam),
             Row(f"{precision} weights gathered: the root and two blocks",
-                f"({root / 1e6:.0f}e6 + 2 x {block / 1e6:.0f}e6) x {b} B", gathered),
+                f"({root:,} + 2 x {block:,}) x {b} B", gathered),
             Row("activations kept for backward" + (", checkpointing: each block's input" if grad_checkpointing else
                                                   ", every layer (no checkpointing)"),
                 f"{L} x {tokens} tokens x {b * d if grad_checkpointing else per_token} B", kept),

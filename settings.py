@@ -45,7 +45,8 @@ RESUMABLE = ("save_every", "keep", "steps", "micro_batch_size", "grad_checkpoint
 @dataclass(frozen=True)
 class Settings:
     """Every setting of a run, resolved. The fields up to rope_scaling are the run's record (args.json, compared on
-    --resume); `world` and `device` say where it runs."""
+    --resume); the others say how this command runs it: where (world, device), with how many threads, or only as a
+    dry run."""
     model: str  # the base checkpoint's directory
     data: str  # training documents: raw text or a data.py-prepared dataset
     out: str  # the run directory

@@ -4,6 +4,7 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-endpoint HOST:29500 train.py ... --target 131072 --rope yarn
     python train.py --target 2048                          # one CPU process, the bundled tiny model and books
     torchrun --nproc_per_node 2 train.py --target 2048     # two CPU processes (gloo): same batches, same weights
+    python train.py --model llama-7b --target 16384 --world 8 --device cuda --dry-run   # will it fit on 8 GPUs?
 
 Each optimizer step takes `--batch-size` examples (64, the paper's global batch): `--micro-batch-size` per process
 and forward/backward, accumulated over batch / (world x micro) micro-steps. Example i of the run is a pure function
@@ -347,7 +348,7 @@ def dry_run(s):
     print(f"the first examples ({s.seq_len} tokens each, from {corpus}), their positions:")
     print("\n".join(f"  example {i}: {position_runs(example(i, s, corpus)[1])}" for i in range(3)))
     plan = memory.plan_of(s)
-    print(f"memory plan per process: {plan.params / 1e9:.3g}e9 parameters, {s.world} process(es) on {s.device}, "
+    print(f"memory plan per process: {plan.params:,} parameters, {s.world} process{'es' * (s.world > 1)} on {s.device}, "
           f"micro-batch {s.micro_batch_size} x {s.seq_len} tokens, {s.precision}, activation checkpointing "
           f"{'on' if s.grad_checkpointing else 'off'}, CPU offload {'on' if s.cpu_offload else 'off'}\n{plan.table()}")
     if s.device == "cuda" and torch.cuda.is_available():

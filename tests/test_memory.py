@@ -94,7 +94,7 @@ def test_dry_run_of_llama_7b_needs_no_weights(tmp_path):
     assert "  rope_scaling        {'rope_type': 'linear', 'factor': 8.0}" in lines
     examples = [line for line in lines if line.startswith("  example ")]
     assert len(examples) == 3 and all(line.split(": ")[1].startswith("0-") for line in examples)  # 2 chunks
-    assert "| fp32 master weights, sharded | 6.74e9 x 4 B / 8 | 3.37 |" in lines
+    assert "| fp32 master weights, sharded | 6,738,415,616 x 4 B / 8 | 3.37 |" in lines
     plan = memory.plan(ModelConfig(rope_scaling={"rope_type": "linear", "factor": 8.0}), world=8)
     assert f"| **peak per process** | the rows above | **{plan.peak / memory.GB:.1f}** |" in lines
     assert 15e9 < plan.peak < 20e9 and plan.params == 6_738_415_616  # LLaMA-7B's parameters
