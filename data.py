@@ -37,18 +37,16 @@ import zlib
 from array import array
 
 import numpy as np
-import sentencepiece as spm
 from tqdm import tqdm
 
 import cli
+from tokenizer import DataError, Tokenizer, load_tokenizer  # noqa: F401 (data.Tokenizer, data.DataError)
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 BATCH_CHARS = 16 * 2**20  # documents go to the tokenizer ~16M characters at a time (one multithreaded call)
 DIR_DATASET = "data"  # a dataset prepared into a directory DIR is DIR/data.bin, DIR/data.idx.npy, DIR/data.json
 
 
-class DataError(ValueError):
-    """Bad input or a bad prepared dataset. The message is one line, written for the user."""
 
 
 # -----------------------------------------------------------------------------
@@ -104,160 +102,6 @@ def batches(texts, max_chars):
             batch, n = [], 0
     if batch:
         yield batch
-
-
-class Tokenizer:
-    """The tokenizer of a checkpoint: sentencepiece `tokenizer.model` or Hugging Face `tokenizer.json`.
-
-    Tokenizer(path): a tokenizer.model or tokenizer.json file, or a checkpoint directory. A directory that ships both
-    is read through tokenizer.model: that is the original of which LLaMA 1/2's and Mistral's tokenizer.json are
-    conversions (so are our exports', hf.write_tokenizer), the same ids, and data prepared from a directory before
-    its export stays valid for the export (load_corpus keys its cache on the file). LLaMA 3, Qwen2 and SmolLM2 ship
-    only tokenizer.json, read with the `tokenizers` library, the format's own implementation.
-
-    BOS is what the checkpoint puts before a text, read as transformers (5) reads it:
-      - tokenizer.json: what its post-processor puts there (LLaMA 3: <|begin_of_text|>; Qwen2: nothing);
-        transformers ignores tokenizer_config.json's add_bos_token when there is a tokenizer.json, and so do we;
-      - tokenizer.model: the model's <s>, unless tokenizer_config.json says `add_bos_token: false`.
-    The EOS is tokenizer_config.json's (or special_tokens_map.json's) `eos_token`, or the sentencepiece model's </s>.
-    `bos_id` is None when the checkpoint adds no BOS. `start_id` is the token every document, perplexity window and
-    passkey prompt starts with (data.prepare, evaluate.py, passkey.py): the BOS, or else the EOS, which such models
-    read between documents in pretraining (lm-evaluation-harness starts its rolling windows with it too).
-    `encode(text, bos=True)` puts `start_id` first; transformers' `tokenizer(text)` equals `encode(text, bos=True)`
-    when there is a BOS and `encode(text, bos=False)` when there is none.
-
-    Special-token strings inside a text ("<s>", "<|endoftext|>") are plain text for sentencepiece (it never parses
-    them), and for tokenizer.json what the checkpoint's `split_special_tokens` says (default false: parsed into the
-    special token, as transformers and `tokenizers` do).
-    """
-
-    def __init__(self, path):
-        self.path = tokenizer_file(os.fspath(path))
-        folder = os.path.dirname(self.path)
-        config = {**_read_json(os.path.join(folder, "special_tokens_map.json")),
-                  **_read_json(os.path.join(folder, "tokenizer_config.json"))}
-        if self.path.endswith(".json"):
-            self._open_tokenizers(config)
-            self.bos_id = self._post_processor_bos()
-        else:
-            self._open_sentencepiece()
-            add_bos = config.get("add_bos_token") is not False and self.sp.bos_id() >= 0
-            self.bos_id = self.sp.bos_id() if add_bos else None
-        self.start_id = self.bos_id if self.bos_id is not None else self.eos_id
-        if self.start_id is None:
-            raise DataError(f"{self.path}: the tokenizer has neither a BOS nor an EOS token, and documents, perplexity "
-                            "windows and passkey prompts start with one of them")
-
-    def _open_sentencepiece(self):
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=self.path)
-        except (OSError, RuntimeError) as e:
-            raise _not_loaded(self.path, e) from None
-        self.tk = None
-        self.vocab_size = self.sp.vocab_size()
-        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
-
-    def _open_tokenizers(self, config):
-        from tokenizers import Tokenizer as HFTokenizer
-        try:
-            self.tk = HFTokenizer.from_file(self.path)
-        except Exception as e:  # the Rust side raises its own Exception type for malformed files
-            raise _not_loaded(self.path, e) from None
-        self.sp = None
-        self.tk.no_truncation()  # some files ship a truncation or padding setting; documents are never cut here
-        self.tk.no_padding()
-        self.tk.encode_special_tokens = bool(config.get("split_special_tokens", False))
-        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
-        token = config.get("eos_token")  # a string, or an AddedToken as a dict
-        token = token.get("content") if isinstance(token, dict) else token
-        self.eos_id = self.tk.token_to_id(token) if isinstance(token, str) else None
-
-    def _post_processor_bos(self):
-        """The one token the tokenizer.json post-processor puts before a text, or None (Qwen2: none)."""
-        plain = self.tk.encode("a", add_special_tokens=False).ids
-        full = self.tk.encode("a", add_special_tokens=True).ids
-        before = next((full[:i] for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), [])
-        if len(before) > 1:
-            raise DataError(f"{self.path}: the post-processor puts {len(before)} tokens before a text; one BOS "
-                            "at most is supported")
-        return before[0] if before else None
-
-    def encode(self, text, bos=True, eos=False):
-        """Token ids of `text`; bos: `start_id` first (the BOS, or the EOS where there is none); eos: EOS last."""
-        ids = self.sp.encode(text) if self.sp is not None else self.tk.encode(text, add_special_tokens=False).ids
-        return self._wrap(ids, bos, eos)
-
-    def encode_batch(self, texts, bos=True, eos=False, threads=-1):
-        """encode() of many texts at once. threads: sentencepiece's (-1: all cores); `tokenizers` uses its own pool
-        (RAYON_NUM_THREADS)."""
-        if self.sp is not None:
-            out = self.sp.encode(texts, num_threads=threads)
-        else:
-            out = [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
-        return [self._wrap(ids, bos, eos) for ids in out]
-
-    def _wrap(self, ids, bos, eos):
-        if eos and self.eos_id is None:
-            raise DataError(f"{self.path}: the tokenizer has no EOS token")
-        return ([self.start_id] if bos else []) + ids + ([self.eos_id] if eos else [])
-
-    def decode(self, ids):
-        """The text of `ids`, special tokens (BOS, EOS) left out, as sentencepiece does."""
-        ids = [int(i) for i in ids]
-        return self.sp.decode(ids) if self.sp is not None else self.tk.decode(ids, skip_special_tokens=True)
-
-
-def _not_loaded(path, e):
-    """The error for a tokenizer file that does not load: a file named as a checkpoint's tokenizer is a broken one
-    (the library's reason follows); any other file (config.json, the weights) is not a tokenizer at all."""
-    if os.path.basename(path) in ("tokenizer.model", "tokenizer.json"):
-        return DataError(f"cannot load tokenizer {path}: {str(e).strip().splitlines()[0]}")
-    return DataError(f"{path} is not a tokenizer: expected a sentencepiece tokenizer.model, a Hugging Face "
-                     "tokenizer.json, or a checkpoint directory holding one")
-
-
-def tokenizer_file(path):
-    """The tokenizer file of `path`: the file itself, or a checkpoint directory's tokenizer.model, else its
-    tokenizer.json (see Tokenizer). A tokenizer.model that is not sentencepiece (LLaMA 3's original/ folder holds a
-    tiktoken one) is passed over when a tokenizer.json is there."""
-    if os.path.isdir(path):
-        model, hf_json = os.path.join(path, "tokenizer.model"), os.path.join(path, "tokenizer.json")
-        if os.path.isfile(model) and not (os.path.isfile(hf_json) and not _is_sentencepiece(model)):
-            return model
-        if os.path.isfile(hf_json):
-            return hf_json
-        raise DataError(f"no tokenizer in {path}: expected tokenizer.model (sentencepiece) or tokenizer.json "
-                        "(Hugging Face)")
-    if not os.path.isfile(path):
-        raise DataError(f"tokenizer not found: {path}")
-    return path
-
-
-def _is_sentencepiece(path):
-    try:
-        spm.SentencePieceProcessor(model_file=path)
-        return True
-    except (OSError, RuntimeError):
-        return False
-
-
-def _read_json(path):
-    """A JSON object from `path`, or {} when the file does not exist."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return obj
-
-
-def load_tokenizer(tokenizer):
-    """A Tokenizer from a path (a tokenizer file or its directory); a tokenizer object passes through."""
-    return Tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
 
 
 def file_sha256(path):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
-import data
+import tokenizer
 from rope import normalize_rope_scaling, rope_type
 
 # what loads: architecture -> model_type. Mistral and Qwen2 differ from LLaMA only where config_from_hf says.
@@ -325,14 +325,15 @@ def write_tokenizer(source, path):
 
     transformers reads a tokenizer.json with the `tokenizers` library alone; a bare tokenizer.model it reads only
     with sentencepiece and protobuf installed, and then (as LlamaTokenizer's defaults) without our BOS and with
-    other pieces. The converted files give data.Tokenizer(source)'s ids exactly, BOS included."""
+    other pieces. The converted files (tokenizer.sentencepiece_to_hf) give tokenizer.Tokenizer(source)'s ids exactly,
+    BOS included."""
     has = {name: os.path.isfile(os.path.join(source, name)) for name in TOKENIZER_FILES}
     convert = has["tokenizer.model"] and not has["tokenizer.json"]
     files = {}
     if convert:
         try:
-            files = sentencepiece_to_hf(source)
-        except CheckpointError as e:
+            files = tokenizer.sentencepiece_to_hf(source)
+        except tokenizer.ConversionError as e:
             cli.warn(f"the export's tokenizer is tokenizer.model alone, which transformers reads only with "
                      f"sentencepiece and protobuf installed: {e}")
     for name in TOKENIZER_FILES:
@@ -341,111 +342,6 @@ def write_tokenizer(source, path):
         elif has[name]:
             source_file = os.path.join(source, name)
             replace_atomically(os.path.join(path, name), lambda tmp, s=source_file: shutil.copyfile(s, tmp))
-
-
-def sentencepiece_to_hf(source):
-    """{"tokenizer.json": ..., "tokenizer_config.json": ...} (text) for the sentencepiece BPE tokenizer of the
-    directory `source`, encoding every text as data.Tokenizer(source) does.
-
-    sentencepiece's BPE encodes a whole text (spaces escaped as "\u2581", one prepended with add_dummy_prefix)
-    by merging, again and again, the adjacent pair whose concatenation is the best-scored piece of the vocabulary,
-    characters outside it falling back to byte pieces <0xNN>. A `tokenizers` BPE with the same vocabulary does the
-    same when its merge list ranks each pair (a, b) by the score of the piece a + b: the merges are every split of
-    every piece into two pieces of the vocabulary, ordered by the merged piece's score (then id). No
-    pre-tokenizer: sentencepiece does not split the text into words to encode it either."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-
-    tok = data.Tokenizer(os.path.join(source, "tokenizer.model"))
-    with open(tok.path, "rb") as f:
-        proto = _protobuf(f.read())  # sentencepiece_model.proto's ModelProto, field by number:
-    NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # SentencePiece.type (5: unused, 6: byte)
-    pieces = [(_one(p, 1, b"").decode(), _one(p, 2, 0.0), _one(p, 3, NORMAL))  # SentencePiece: piece, score, type
-              for p in map(_protobuf, proto.get(1, []))]
-    trainer, normalizer = _protobuf(_one(proto, 2, b"")), _protobuf(_one(proto, 3, b""))  # TrainerSpec, NormalizerSpec
-    # the settings of LLaMA-family tokenizers only: anything else is reported, not approximated
-    problems = [what for what, bad in (
-        ("not a BPE model", _one(trainer, 3, 1) != 2),  # model_type, UNIGRAM = 1 by default
-        ("a normalization rule other than identity", _one(normalizer, 2, b"") != b""),  # precompiled_charsmap
-        ("remove_extra_whitespaces", _one(normalizer, 4, 1)),
-        ("no whitespace escaping", not _one(normalizer, 5, 1)),  # escape_whitespaces
-        ("treat_whitespace_as_suffix", _one(trainer, 24, 0)),
-        ("user-defined symbols", any(kind == USER_DEFINED for _, _, kind in pieces))) if bad]
-    if problems:
-        raise CheckpointError(f"{tok.path} cannot be converted to tokenizer.json ({', '.join(problems)})")
-
-    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
-    merges = []  # (-score of the merged piece, its id, left id, right id): sorted, the merge ranks
-    for i, (piece, score, kind) in enumerate(pieces):
-        if kind == NORMAL:
-            merges += [(-score, i, vocab[piece[:k]], vocab[piece[k:]]) for k in range(1, len(piece))
-                       if piece[:k] in vocab and piece[k:] in vocab]
-    merges = [(pieces[left][0], pieces[right][0]) for _, _, left, right in sorted(merges)]
-    unk = next((piece for piece, _, kind in pieces if kind == UNKNOWN), None)
-    hf_tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
-                                  byte_fallback=bool(_one(trainer, 35, 0))))
-    space = "\u2581"  # sentencepiece's escaped space, "▁"
-    prefix = [normalizers.Prepend(space)] if _one(normalizer, 3, 1) else []  # add_dummy_prefix
-    hf_tok.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", space)])
-    hf_tok.decoder = decoders.Sequence([decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse()]
-                                       + ([decoders.Strip(" ", 1, 0)] if prefix else []))  # the prefix back off
-    specials = [piece for piece, _, kind in pieces if kind in (UNKNOWN, CONTROL)]
-    hf_tok.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in specials])
-    bos, eos = (None if i is None else pieces[i][0] for i in (tok.bos_id, tok.eos_id))
-    if bos is not None:  # the BOS before every text (tokenizers' "post-processor"), as transformers expects it
-        hf_tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                              special_tokens=[(bos, tok.bos_id)])
-    # the source's tokenizer_config.json (chat template, model_max_length, ...) less what named its class and files
-    config = {}
-    if os.path.isfile(os.path.join(source, "tokenizer_config.json")):  # valid JSON: data.Tokenizer read it
-        with open(os.path.join(source, "tokenizer_config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    config = {k: v for k, v in config.items() if k not in (
-        "tokenizer_class", "auto_map", "added_tokens_decoder", "vocab_file", "tokenizer_file", "legacy",
-        "add_prefix_space", "sp_model_kwargs")}
-    config.update(tokenizer_class="PreTrainedTokenizerFast",  # tokenizer.json as it is, in transformers 4 and 5
-                  bos_token=bos, eos_token=eos, unk_token=unk, add_bos_token=bos is not None, add_eos_token=False,
-                  split_special_tokens=True,  # "<s>" in a text is text, as sentencepiece reads it
-                  clean_up_tokenization_spaces=False)
-    return {"tokenizer.json": hf_tok.to_str(pretty=True), "tokenizer_config.json": json.dumps(config, indent=2)}
-
-
-def _protobuf(buf):
-    """The fields of a serialized protobuf message (enough of the wire format for sentencepiece's model file, read
-    without the protobuf package): {field number: [values]}, varints as int, fixed32 as float, the rest as bytes."""
-    fields, i = {}, 0
-
-    def varint():
-        nonlocal i
-        value = shift = 0
-        while True:
-            byte = buf[i]
-            i += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
-
-    while i < len(buf):
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value = varint()
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
-        elif wire == 2:
-            n = varint()
-            value, i = buf[i:i + n], i + n
-        elif wire == 5:
-            value, i = struct.unpack("<f", buf[i:i + 4])[0], i + 4
-        else:
-            raise CheckpointError(f"not a sentencepiece model file (protobuf wire type {wire})")
-        fields.setdefault(number, []).append(value)
-    return fields
-
-
-def _one(message, number, default):
-    """The value of a non-repeated protobuf field (the last one given, as protobuf reads it), or its default."""
-    return message.get(number, [default])[-1]
 
 
 def _write_text(path, text):

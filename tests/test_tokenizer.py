@@ -11,7 +11,7 @@ import sentencepiece as spm
 import torch
 
 import data
-import hf
+import tokenizer
 from data import DataError, Tokenizer
 from model import LLaMA, ModelConfig
 
@@ -210,10 +210,10 @@ def test_sentencepiece_conversion_reads_the_model_file(spm_tokenizer):
     """The hand-read protobuf fields (no protobuf package) agree with what sentencepiece itself reports."""
     sp = spm.SentencePieceProcessor(model_file=spm_tokenizer)
     with open(spm_tokenizer, "rb") as f:
-        proto = hf._protobuf(f.read())
-    pieces = [hf._protobuf(p) for p in proto[1]]
+        proto = tokenizer._protobuf(f.read())
+    pieces = [tokenizer._protobuf(p) for p in proto[1]]
     assert len(pieces) == sp.vocab_size()
     for i in range(sp.vocab_size()):
-        assert hf._one(pieces[i], 1, b"").decode() == sp.id_to_piece(i)
-        assert hf._one(pieces[i], 2, 0.0) == pytest.approx(sp.get_score(i))
-        assert (hf._one(pieces[i], 3, 1) == 6) == sp.is_byte(i) and (hf._one(pieces[i], 3, 1) == 3) == sp.is_control(i)
+        assert tokenizer._one(pieces[i], 1, b"").decode() == sp.id_to_piece(i)
+        assert tokenizer._one(pieces[i], 2, 0.0) == pytest.approx(sp.get_score(i))
+        assert (tokenizer._one(pieces[i], 3, 1) == 6) == sp.is_byte(i) and (tokenizer._one(pieces[i], 3, 1) == 3) == sp.is_control(i)
