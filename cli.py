@@ -9,6 +9,12 @@ import argparse
 import os
 import sys
 
+# the bundled files, the defaults of every script (one name each, used everywhere)
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+BUNDLED_MODEL = os.path.join(ASSETS, "tiny")  # the bundled tiny base model (vocab 4096, 256-token window)
+BUNDLED_TRAIN = os.path.join(ASSETS, "books", "train")  # the bundled public-domain books, train.py's default data
+BUNDLED_EVAL = os.path.join(ASSETS, "books", "eval")  # held-out public-domain plays, the evaluations' default data
+
 
 class UsageError(ValueError):
     """Bad command-line input or settings, reported as one line."""

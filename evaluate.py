@@ -66,9 +66,6 @@ import hf
 from model import LLaMA
 from rope import CHECKPOINT, describe_rope, original_window, scaling_from_spec, supported_window
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
-DEFAULT_DATA = os.path.join(HERE, "assets", "books", "eval")  # held-out public-domain plays
 DEFAULT_DOCS = 50  # the paper's 50 documents of GovReport / Proof-pile (section 4.2)
 
 
@@ -149,8 +146,8 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description="Sliding-window perplexity at several context sizes (PoSE section 4.2).")
     p.add_argument("--model", action="append", metavar="DIR",
                    help=f"Hugging Face model directory (with its tokenizer); repeat for several rows (default: the "
-                        f"bundled tiny base, {os.path.relpath(DEFAULT_MODEL)})")
-    p.add_argument("--data", default=DEFAULT_DATA,
+                        f"bundled tiny base, {os.path.relpath(cli.BUNDLED_MODEL)})")
+    p.add_argument("--data", default=cli.BUNDLED_EVAL,
                    help="prepared dataset (data.py --out) or raw .jsonl/.txt/.gz/directory (default: the bundled "
                         "held-out plays)")
     p.add_argument("--ctx", type=int, nargs="+", required=True, help="context sizes (window = BOS + ctx-1 tokens)")
@@ -170,7 +167,7 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="FILE", help="write every number printed, and more, to FILE")
     cli.add_threads(p)
     args = p.parse_args(argv)
-    args.model = args.model or [DEFAULT_MODEL]  # the one place a default model comes in
+    args.model = args.model or [cli.BUNDLED_MODEL]  # the one place a default model comes in
 
     for c in args.ctx:
         if c < 2:

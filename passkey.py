@@ -51,7 +51,6 @@ from model import KVCache, LLaMA
 from prompts import FILLER, KEY_LINE, QUESTION, TASK, prompt_text  # noqa: F401 (passkey.TASK etc.: scripts read them)
 from rope import CHECKPOINT, describe_rope, original_window, rope_type, scaling_from_spec, supported_window
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")  # the bundled base
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,9 +282,9 @@ def default_lengths(original, supported):
 def parse_args(argv=None):
     p = cli.ArgumentParser(description="Passkey retrieval accuracy over prompt lengths and key depths (PoSE "
                                        "section 4.3).")
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
+    p.add_argument("--model", default=cli.BUNDLED_MODEL, metavar="DIR",
                    help=f"Hugging Face model directory with its tokenizer (default: the bundled tiny base, "
-                        f"{os.path.relpath(DEFAULT_MODEL)})")
+                        f"{os.path.relpath(cli.BUNDLED_MODEL)})")
     p.add_argument("--lengths", type=int, nargs="+", default=None,
                    help="prompt lengths in tokens (default: original window x 1, 2, 4, ... up to the supported one)")
     p.add_argument("--trials", type=int, default=50, help="trials per length (default 50, as the paper)")

@@ -157,6 +157,11 @@ def randpos_positions(train_len, target_len, rng=None):
     return np.sort(picked).astype(np.int64)
 
 
+def example_length(method, train_len, target_len):
+    """Tokens in one example of `method`: target_len for full-length fine-tuning, train_len for the others."""
+    return target_len if method == "full" else train_len
+
+
 def window_length(method, train_len, target_len):
     """How many consecutive document tokens one example of `method` reads from (data.Corpus.sample cuts them).
 
@@ -177,8 +182,9 @@ def make_example(method, window, train_len, target_len, chunks=2, content="unifo
     if method == "pose":
         return _pose_example(_as_doc(window, train_len, "train_len"), train_len, target_len, int(chunks), content,
                              rng, split)
-    length = target_len if method == "full" else train_len
-    input_ids = _as_doc(window, length, "target_len" if method == "full" else "train_len")[:length].astype(np.int64)
+    length = example_length(method, train_len, target_len)
+    input_ids = _as_doc(window, length, "target_len" if method == "full" else "train_len")[:length]
+    input_ids = input_ids.astype(np.int64)
     if method == "randpos":
         return input_ids, randpos_positions(train_len, target_len, rng)
     return input_ids, np.arange(length, dtype=np.int64)  # full or pi

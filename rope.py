@@ -322,14 +322,20 @@ def describe_rope(scaling):
     input), options listed where they differ from their defaults."""
     if not scaling:
         return "none"
-    kind = rope_type(scaling)
-    options = "".join(f",{k}={float(scaling[k]):g}" for k, default in OPTIONS.get(kind, {}).items()
+    options = "".join(f",{k}={float(scaling[k]):g}" for k, default in OPTIONS.get(rope_type(scaling), {}).items()
                       if scaling.get(k) is not None and scaling[k] != default)
-    if kind == "yarn" and scaling.get("yarn_variant") == "revised":
-        kind = "yarn-revised"
-    return f"{kind}:{float(scaling['factor']):g}{options}"
+    return f"{rope_name(scaling)}:{float(scaling['factor']):g}{options}"
+
+
+def rope_name(scaling):
+    """The type of a rope_scaling dict as a spec names it ('none', 'linear', 'yarn-revised' ...): describe_rope's
+    spec without its factor and options, what --rope takes to continue with the same interpolation."""
+    if not scaling:
+        return "none"
+    kind = rope_type(scaling)
+    return "yarn-revised" if kind == "yarn" and scaling.get("yarn_variant") == "revised" else kind
 
 
 def rope_kind(spec):
-    """The type part of a spec: 'yarn' for 'yarn:8,beta_fast=4'."""
+    """The type part of a command-line spec: 'yarn' for 'yarn:8,beta_fast=4' (rope_name gives it for a dict)."""
     return spec.split(",")[0].partition(":")[0].strip().lower()

@@ -21,12 +21,9 @@ import data
 import hf
 import pose
 from cli import UsageError
-from rope import describe_rope, original_window, rope_kind, scaling_from_spec, supported_window
+from rope import describe_rope, original_window, rope_kind, rope_name, scaling_from_spec, supported_window
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BUNDLED_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
-BUNDLED_DATA = os.path.join(HERE, "assets", "books", "train")  # the bundled public-domain books
-BUNDLED_REPLAY = os.path.join(HERE, "assets", "replay", "passkey-256.npz")  # synthetic passkey episodes
+BUNDLED_REPLAY = os.path.join(cli.ASSETS, "replay", "passkey-256.npz")  # synthetic passkey episodes
 
 RECIPES = {
     # section 4.1, LLaMA-7B
@@ -86,17 +83,17 @@ class Settings:
     @property
     def seq_len(self):
         """Tokens per example: the target for full-length fine-tuning, the training window for the others."""
-        return self.target if self.method == "full" else self.train_len
+        return pose.example_length(self.method, self.train_len, self.target)
 
     @property
     def bundled(self):
-        return os.path.realpath(self.model) == os.path.realpath(BUNDLED_MODEL)
+        return os.path.realpath(self.model) == os.path.realpath(cli.BUNDLED_MODEL)
 
     @property
     def bundled_replay_on_own_data(self):
         """The bundled passkey replay mixed into documents of the user's (the tiny recipe's replay with --data)."""
         return bool(self.replay) and os.path.realpath(self.replay) == os.path.realpath(BUNDLED_REPLAY) and \
-            os.path.realpath(self.data) != os.path.realpath(BUNDLED_DATA)
+            os.path.realpath(self.data) != os.path.realpath(cli.BUNDLED_TRAIN)
 
     def record(self):
         """The run's settings as args.json holds them (paths absolute, so that a resume from elsewhere compares)."""
@@ -114,9 +111,9 @@ def parser(doc=None):
     p = cli.ArgumentParser(description=paragraphs[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="\n\n".join(paragraphs[2:5]))
     p.add_argument("--model", default=None, help=f"Hugging Face LLaMA directory (default: the bundled tiny base, "
-                                                 f"{os.path.relpath(BUNDLED_MODEL)})")
+                                                 f"{os.path.relpath(cli.BUNDLED_MODEL)})")
     p.add_argument("--data", default=None, help="jsonl/txt file or directory, or a data.py-prepared dataset "
-                                                f"(default: the bundled books, {os.path.relpath(BUNDLED_DATA)})")
+                                                f"(default: the bundled books, {os.path.relpath(cli.BUNDLED_TRAIN)})")
     p.add_argument("--out", default=None, help="output directory (default: out/METHOD-TARGET)")
     p.add_argument("--target", type=int, required=True, help="target context window, in tokens")
     p.add_argument("--train-len", type=int, default=None,
@@ -201,13 +198,13 @@ def resolve(args, world=None, device=None):
     world = world or planned_world or int(os.environ.get("WORLD_SIZE", 1))
     device = device or planned_device or ("cuda" if torch.cuda.is_available() else "cpu")
     cli.positive("--world", world)
-    v["model"] = v["model"] or BUNDLED_MODEL
-    v["data"] = v["data"] or BUNDLED_DATA
+    v["model"] = v["model"] or cli.BUNDLED_MODEL
+    v["data"] = v["data"] or cli.BUNDLED_TRAIN
     fields = hf.read_config(v["model"])  # CheckpointError on a bad directory
     tokenizer = data.Tokenizer(v["model"])
     if tokenizer.vocab_size > fields["vocab_size"]:
         raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {fields['vocab_size']}")
-    bundled = os.path.realpath(v["model"]) == os.path.realpath(BUNDLED_MODEL)
+    bundled = os.path.realpath(v["model"]) == os.path.realpath(cli.BUNDLED_MODEL)
     v["recipe"] = v["recipe"] or ("tiny" if bundled else "paper")
     recipe = RECIPES[v["recipe"]]
     if v["replay"] == "none" and v["replay_batch"] is None:
@@ -249,8 +246,7 @@ def resolve(args, world=None, device=None):
     if v["rope_scaling"] is not None and v["target"] <= window:
         raise UsageError(f"--target {v['target']} is not beyond the model's {window}-token window: nothing to extend "
                          "(--rope none fine-tunes without interpolation)")
-    v["rope"] = v["rope"] or (rope_kind(describe_rope(v["rope_scaling"])) if fields["rope_scaling"] else
-                              recipe["rope"])
+    v["rope"] = v["rope"] or (rope_name(v["rope_scaling"]) if fields["rope_scaling"] else recipe["rope"])
     return Settings(**v, world=world, device=device)
 
 
@@ -306,8 +302,7 @@ def extended_scaling(fields, spec, recipe_spec, train_len, target):
     wanted = scaling_from_spec(spec, original, factor=target / original) if spec else composed
     if wanted is None or any(composed.get(k) != v for k, v in wanted.items()):
         raise UsageError(f"the checkpoint is already extended with {describe_rope(own)} over {original} tokens: "
-                         f"--rope {spec} cannot compose with it; leave --rope out to continue with "
-                         f"{rope_kind(describe_rope(own))}")
+                         f"--rope {spec} cannot compose with it; leave --rope out to continue with {rope_name(own)}")
     if target < original * float(own["factor"]):
         raise UsageError(f"--target {target} is below the {int(original * float(own['factor']))} tokens the "
                          f"checkpoint already supports ({describe_rope(own)} over {original})")

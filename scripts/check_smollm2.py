@@ -38,7 +38,6 @@ import evaluate  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(ROOT, "out", "smollm2-135m")
 DEFAULT_GGUF = os.path.join(os.path.expanduser("~"), ".cache", "pose", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-EVAL = os.path.join(ROOT, "assets", "books", "eval")
 PPL_RTOL = 1e-4
 EDGE = ["Hello world! 123", "two spaces  42 and 3.14159", "  multiple   spaces", "tab\tand\nnewline\n\n\n",
         "\u00dcn\u00efcode caf\u00e9 d\u00e9j\u00e0 \u65e5\u672c\u8a9e \U0001F600", "it's we'll they'd I'M",
@@ -48,7 +47,7 @@ EDGE = ["Hello world! 123", "two spaces  42 and 3.14159", "  multiple   spaces",
 def plays():
     """The held-out plays' texts, in the order data.py reads a directory (sorted paths)."""
     texts = []
-    for path in sorted(glob.glob(os.path.join(EVAL, "**", "*.txt.gz"), recursive=True)):
+    for path in sorted(glob.glob(os.path.join(cli.BUNDLED_EVAL, "**", "*.txt.gz"), recursive=True)):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             texts.append(f.read())
     return texts
@@ -62,14 +61,14 @@ def check_perplexity(model_dir, ctx, threads):
     doc = next(ids for ids in ([start] + auto(t, add_special_tokens=False)["input_ids"] for t in plays())
                if len(ids) >= ctx)[:ctx]
     # our loader of the same documents (evaluate.py's): the same tokens, or the comparison compares nothing
-    ours = evaluate.load_docs(EVAL, data.Tokenizer(model_dir), 1, ctx, ctx)
+    ours = evaluate.load_docs(cli.BUNDLED_EVAL, data.Tokenizer(model_dir), 1, ctx, ctx)
     same_tokens = [int(t) for t in ours[0]] == doc
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--model", model_dir, "--data", EVAL,
-                              "--ctx", str(ctx), "--stride", str(ctx), "--docs", "1", "--json",
-                              os.path.join(tmp, "ppl.json")], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--model", model_dir,
+                              "--data", cli.BUNDLED_EVAL, "--ctx", str(ctx), "--stride", str(ctx), "--docs", "1",
+                              "--json", os.path.join(tmp, "ppl.json")], capture_output=True, text=True,
                              env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
         evaluate_s = time.time() - t0
         if out.returncode != 0:

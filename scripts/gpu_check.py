@@ -48,6 +48,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import memory  # noqa: E402
 import passkey  # noqa: E402
 import train  # noqa: E402
@@ -56,8 +57,6 @@ from model import LLaMA, ModelConfig  # noqa: E402
 from pose import skip_positions  # noqa: E402
 
 TRAIN = os.path.join(ROOT, "train.py")
-TINY_MODEL = os.path.join(ROOT, "assets", "tiny")  # the bundled tiny base model (vocab 4096, 256-token window)
-BOOKS = os.path.join(ROOT, "assets", "books", "train")
 GB = memory.GB  # decimal gigabytes, as train.py --dry-run's plan
 
 # bf16 keeps 8 significant bits (unit roundoff u = 2^-8 = 3.9e-3) and every matrix product, norm and residual add
@@ -229,8 +228,8 @@ def section_logits(device, config=logits_config, seq_len=1024, target=8192):
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. train.py under torchrun: bf16 on the GPU vs fp32 on the CPU, and kill -9 + --resume
 
-def train_command(out, model=TINY_MODEL, data=BOOKS, precision="bf16", checkpointing=True, steps=24, save_every=4,
-                  train_len=256, target=1024, batch=16, micro_batch=8, lr=2e-4, resume=False):
+def train_command(out, model=cli.BUNDLED_MODEL, data=cli.BUNDLED_TRAIN, precision="bf16", checkpointing=True, steps=24,
+                  save_every=4, train_len=256, target=1024, batch=16, micro_batch=8, lr=2e-4, resume=False):
     """torchrun with one process running train.py. Every recipe flag is given, so that defaults do not matter:
     PoSE 256 -> 1024 with YaRN, 2 micro-steps of accumulation per step."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", TRAIN,
@@ -357,8 +356,8 @@ def run_and_kill(cmd, env, out, steps, timeout=600, poll=0.002):
                        f"give it more steps. {tail}")
 
 
-def train_check(device, out, model=TINY_MODEL, data=BOOKS, steps=24, save_every=4, compare_steps=TRAIN_COMPARE_STEPS,
-                **recipe):
+def train_check(device, out, model=cli.BUNDLED_MODEL, data=cli.BUNDLED_TRAIN, steps=24, save_every=4,
+                compare_steps=TRAIN_COMPARE_STEPS, **recipe):
     """bf16 + activation checkpointing on `device` against fp32 on the CPU (the first compare_steps steps), then
     kill -9 + --resume on `device` against the uninterrupted run. Returns result rows. The steps leave time to kill
     the run between its first checkpoint and its end."""
@@ -922,7 +921,7 @@ def passkey_check(device, model, tokenizer, lengths, trials=3, seed=0, tol=LOGIT
 
 
 def section_passkey(device, lengths=(16384, 32768), trials=3):
-    tokenizer = Tokenizer(os.path.join(TINY_MODEL, "tokenizer.model"))
+    tokenizer = Tokenizer(os.path.join(cli.BUNDLED_MODEL, "tokenizer.model"))
     model = random_model(passkey_config(vocab=tokenizer.vocab_size)).to(device=device, dtype=torch.bfloat16)
     rows = []
     for r in passkey_check(device, model, tokenizer, lengths, trials):

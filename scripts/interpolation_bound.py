@@ -51,14 +51,13 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import data  # noqa: E402
 from model import LLaMA  # noqa: E402
 from rope import rope_frequencies  # noqa: E402
 
 from data import Tokenizer  # noqa: E402
 
-BASE = os.path.join(ROOT, "assets", "tiny")
-EVAL_DATA = os.path.join(ROOT, "assets", "books", "eval")
 
 
 def score(h, theta, s):
@@ -124,7 +123,7 @@ def bounds(h, theta):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=BASE)
+    p.add_argument("--model", default=cli.BUNDLED_MODEL)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "toy", "interpolation_bound.png"))
     p.add_argument("--factor", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64, help="tokens of the first held-out play whose layer-0 query/key "
@@ -141,7 +140,7 @@ def main():
     window, d, c = cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta
     theta = rope_frequencies(d, c, None)[0].double().numpy()  # the model's own plain RoPE frequencies
     tokenizer = Tokenizer(args.model)
-    doc = data.load_corpus(EVAL_DATA, tokenizer)[0]
+    doc = data.load_corpus(cli.BUNDLED_EVAL, tokenizer)[0]
     h, share_out, median_excess, n_pairs = real_scores(model, np.asarray(doc[1:args.tokens + 1], dtype=np.int64),
                                                        theta, window)
     S = args.factor

@@ -36,6 +36,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import passkey  # noqa: E402
@@ -43,8 +44,6 @@ from model import LLaMA  # noqa: E402
 
 from data import Tokenizer  # noqa: E402
 
-BASE = os.path.join(ROOT, "assets", "tiny")
-EVAL_DATA = os.path.join(ROOT, "assets", "books", "eval")
 FACTOR = 8.0
 ORIGINAL = 256  # the base model's window
 
@@ -130,10 +129,10 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    tokenizer = Tokenizer(BASE)
-    corpus = data.load_corpus(EVAL_DATA, tokenizer, min_tokens=max(args.ctx))
+    tokenizer = Tokenizer(cli.BUNDLED_MODEL)
+    corpus = data.load_corpus(cli.BUNDLED_EVAL, tokenizer, min_tokens=max(args.ctx))
     docs = [corpus[i][:args.max_tokens] for i in range(min(args.docs, len(corpus)))]
-    model = LLaMA.from_pretrained(BASE)
+    model = LLaMA.from_pretrained(cli.BUNDLED_MODEL)
     results = {}
     for name in args.rows.split(","):
         path = os.path.join(args.out, f"{name}.json")

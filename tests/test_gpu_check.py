@@ -354,7 +354,7 @@ def test_ours_vs_transformers_same_weights_same_loss(tmp_path, one_thread):
 
 @pytest.fixture(scope="module")
 def passkey_setup():
-    tokenizer = check.Tokenizer(os.path.join(check.TINY_MODEL, "tokenizer.model"))
+    tokenizer = check.Tokenizer(os.path.join(check.cli.BUNDLED_MODEL, "tokenizer.model"))
     cfg = check.passkey_config(vocab=tokenizer.vocab_size, window=128, factor=4.0, dim=64)
     return check.random_model(cfg), tokenizer
 
