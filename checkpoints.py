@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -89,9 +88,8 @@ def export(model, out, target, base, export_dtype, rank):
     if rank == 0:
         dtype = hf.stored_dtype(hf.read_config(base)) if export_dtype == "auto" else \
             cli.torch_dtype(export_dtype, "cpu")
-        fields = dict(asdict(model.cfg), max_position_embeddings=target)  # the extended window (hf.py: dynamic NTK)
-        hf.write_checkpoint(out, {k: v.to(dtype) for k, v in state.items()}, hf.config_to_hf(fields, dtype),
-                            tokenizer_dir=base)
+        model.save_pretrained(out, {k: v.to(dtype) for k, v in state.items()}, tokenizer_dir=base,
+                              max_position_embeddings=target)  # the extended window (hf.py: dynamic NTK)
     dist.barrier()
 
 

@@ -308,12 +308,17 @@ class LLaMA(nn.Module):
         model.tokenizer_dir = str(path)
         return model.eval()
 
-    def save_pretrained(self, path, state_dict=None, tokenizer_dir=None):
+    def save_pretrained(self, path, state_dict=None, tokenizer_dir=None, max_position_embeddings=None):
         """Hugging Face format: config.json, safetensors and the tokenizer files (hf.write_checkpoint, atomic).
 
         state_dict: a full, unsharded state dict (train.py passes the one gathered from FSDP); default: this model's.
-        tokenizer_dir: where the tokenizer files are; default: the directory from_pretrained read."""
+        tokenizer_dir: where the tokenizer files are; default: the directory from_pretrained read.
+        max_position_embeddings: the window config.json claims; default the model's own; an extended model's export
+        gives its target (checkpoints.export; hf.py writes dynamic NTK over the original window instead)."""
         state = state_dict or self.state_dict()
         dtype = next(iter(state.values())).dtype
-        hf.write_checkpoint(path, state, hf.config_to_hf(asdict(self.cfg), dtype),
+        fields = asdict(self.cfg)
+        if max_position_embeddings is not None:
+            fields["max_position_embeddings"] = int(max_position_embeddings)
+        hf.write_checkpoint(path, state, hf.config_to_hf(fields, dtype),
                             tokenizer_dir=tokenizer_dir or self.tokenizer_dir)

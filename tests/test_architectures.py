@@ -80,8 +80,7 @@ def test_export_keeps_the_architecture(tmp_path, one_thread, family):
     kw = {"sliding_window": 16} if family == "mistral" else {}
     path, _ = family_checkpoint(tmp_path / "src", family, **kw)
     ours = LLaMA.from_pretrained(path, rope_scaling={"rope_type": "yarn", "factor": 4.0})
-    ours.cfg.max_position_embeddings = 128
-    ours.save_pretrained(tmp_path / "out")
+    ours.save_pretrained(tmp_path / "out", max_position_embeddings=128)  # the extended window, as train.py exports
     cfg = json.load(open(tmp_path / "out" / "config.json"))
     assert cfg["architectures"] == [FAMILIES[family][0]] and cfg["model_type"] == family
     assert "attention_bias" not in cfg and cfg.get("sliding_window") == kw.get("sliding_window")

@@ -48,8 +48,7 @@ def test_every_rope_scaling_reads_in_transformers_to_our_logits(base, tmp_path, 
     the original window. ntk is written as the plain RoPE it equals; dynamic over max_position_embeddings = the original
     window, which transformers scales from; revised YaRN, which transformers lacks, says so in config.json."""
     ours = LLaMA.from_pretrained(base, rope_scaling=scaling_from_spec(spec, 32, factor=4.0))
-    ours.cfg.max_position_embeddings = 128  # what train.py exports: the extended window
-    ours.save_pretrained(tmp_path)
+    ours.save_pretrained(tmp_path, max_position_embeddings=128)  # what train.py exports: the extended window
     config = json.load(open(tmp_path / "config.json"))
     theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     back = LLaMA.from_pretrained(tmp_path)

@@ -121,9 +121,8 @@ def test_relative_positions_only(tmp_path):
 def test_save_pretrained_roundtrip(tmp_path, rope):
     path, hf = hf_checkpoint(tmp_path / "src")
     ours = LLaMA.from_pretrained(path, rope_scaling=rope)
-    ours.cfg.max_position_embeddings = 256  # what train.py does: the extended window
     out = tmp_path / "out"
-    ours.save_pretrained(out)
+    ours.save_pretrained(out, max_position_embeddings=256)  # what train.py exports: the extended window
     back_hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     back = LLaMA.from_pretrained(out)
     assert back_hf.config.max_position_embeddings == 256
