@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_python_api(tiny_model_dir, tmp_path):

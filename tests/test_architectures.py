@@ -7,6 +7,7 @@ import torch
 
 from hf import CheckpointError
 from model import KVCache, LLaMA
+from helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,10 +32,6 @@ def family_checkpoint(path, family, rope=None, **kw):
                 p.normal_(0, 0.5)
     hf.save_pretrained(path)
     return path, model_cls.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def inputs():

@@ -8,25 +8,25 @@ import sys
 import pytest
 import torch
 
+import cli
 import data
 import evaluate
 import passkey
 from data import Tokenizer
 from model import LLaMA
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = os.path.join(ROOT, "assets", "tiny")
 
 
 @pytest.fixture(scope="module")
 def base():
-    model = LLaMA.from_pretrained(BASE)
-    return model, Tokenizer(BASE)
+    model = LLaMA.from_pretrained(cli.BUNDLED_MODEL)
+    return model, Tokenizer(cli.BUNDLED_MODEL)
 
 
 @pytest.fixture(scope="module")
 def eval_docs(base):
-    corpus = data.load_corpus(os.path.join(ROOT, "assets", "books", "eval"), base[1], min_tokens=2048)
+    corpus = data.load_corpus(cli.BUNDLED_EVAL, base[1], min_tokens=2048)
     assert len(corpus) == 6
     return [corpus[i][:2048] for i in range(2)]
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 sys.path.insert(0, ROOT)
 import coverage  # noqa: E402
 import pose  # noqa: E402

@@ -16,8 +16,8 @@ import sentencepiece as spm
 import data
 from data import Corpus, DataError, load_corpus, prepare
 from data import Tokenizer
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = [
     "The king is dead; long live the king!\nAnd the night was long.",
     "Love, light and shadow.",

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def start(script, *args, cwd):

@@ -16,8 +16,8 @@ import evaluate
 from evaluate import perplexity, windows
 from rope import describe_rope, original_window, supported_window
 from model import LLaMA, ModelConfig
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOS = 1
 
 

@@ -3,8 +3,6 @@ checkpoints removed on request, a Qwen2 trained by train.py, and a tokenizer.jso
 script."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,14 +13,10 @@ import evaluate
 import passkey
 from model import LLaMA, ModelConfig
 from rope import scaling_from_spec
+from helpers import rel_err, run_train
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def random_model(path, vocab_size=96, dtype=torch.float32, **kw):
@@ -65,27 +59,9 @@ def test_every_rope_scaling_reads_in_transformers_to_our_logits(base, tmp_path, 
         assert "pose_note" not in config and err < 1e-5, err
 
 
-def run_train(args):
-    env = dict(os.environ, POSE_CACHE=os.environ.get("POSE_CACHE", "/tmp/pose-test-cache"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def stored_dtypes(path):
     with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
         return {f.get_slice(name).get_dtype() for name in f.keys()}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Real text: the sources of some standard library modules, one document each."""
-    import argparse, difflib, textwrap  # noqa: E401
-    path = tmp_path_factory.mktemp("corpus") / "stdlib.jsonl"
-    with open(path, "w") as f:
-        f.writelines(json.dumps({"text": open(m.__file__).read()}) + "\n" for m in (argparse, difflib, textwrap))
-    return str(path)
 
 
 def short_run(model, corpus, out, *extra):
@@ -93,14 +69,15 @@ def short_run(model, corpus, out, *extra):
             "--lr", 1e-3, "--warmup", 1, *extra]
 
 
-def test_export_dtype_and_checkpoints(spm_tokenizer, corpus, tmp_path):
+def test_export_dtype_and_checkpoints(spm_tokenizer, text_corpus, tmp_path):
     """A bf16 base exports bf16 by default, --delete-checkpoints removes the checkpoints after the export, and revised
     YaRN, which only this project reads, is noted in the summary and in config.json."""
     import shutil
     model = random_model(tmp_path / "bf16", vocab_size=320, dtype=torch.bfloat16)
     shutil.copy(spm_tokenizer, os.path.join(model, "tokenizer.model"))
     out = tmp_path / "out"
-    proc = run_train(short_run(model, corpus, out, "--save-every", 1, "--delete-checkpoints", "--rope", "yarn-revised"))
+    proc = run_train(short_run(model, text_corpus, out, "--save-every", 1, "--delete-checkpoints",
+                               "--rope", "yarn-revised"))
     assert stored_dtypes(out) == {"BF16"} and json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
     assert not os.path.exists(out / "checkpoints")
     lines = proc.stdout.strip().splitlines()
@@ -111,7 +88,7 @@ def test_export_dtype_and_checkpoints(spm_tokenizer, corpus, tmp_path):
     assert "tokenizer.json" in os.listdir(out)  # converted from the base's tokenizer.model
 
 
-def test_train_qwen2_with_tokenizer_json_only(hf_tokenizer_dirs, corpus, tmp_path):
+def test_train_qwen2_with_tokenizer_json_only(hf_tokenizer_dirs, text_corpus, tmp_path):
     """train.py on a random Qwen2 made by transformers whose only tokenizer is a tokenizer.json without BOS: it trains,
     keeps the checkpoints (the summary says how large), exports the dtype asked for, and the export loads as
     Qwen2ForCausalLM (with its q/k/v biases) to our logits, its tokenizer in AutoTokenizer."""
@@ -123,7 +100,7 @@ def test_train_qwen2_with_tokenizer_json_only(hf_tokenizer_dirs, corpus, tmp_pat
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(hf_tokenizer_dirs["qwen2"], name), tmp_path / "qwen2" / name)
     out = tmp_path / "out"
-    proc = run_train(short_run(tmp_path / "qwen2", corpus, out, "--save-every", 1, "--export-dtype", "bf16",
+    proc = run_train(short_run(tmp_path / "qwen2", text_corpus, out, "--save-every", 1, "--export-dtype", "bf16",
                                "--rope", "yarn"))
     summary = proc.stdout.strip().splitlines()[0]
     assert "of which checkpoints/" in summary and "MB: --resume continues from them" in summary

@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 from data import Tokenizer
 from model import LLaMA, ModelConfig
+from helpers import ROOT, rel_err
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gguf_to_hf.py")
 spec = importlib.util.spec_from_file_location("gguf_to_hf", SCRIPT)
 g2h = importlib.util.module_from_spec(spec)
@@ -122,7 +123,7 @@ def train_bpe(pre="gpt-2"):
     from tokenizers import Regex
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
-    with gzip.open(os.path.join(ROOT, "assets", "books", "train", "milton_areopagitica.txt.gz"), "rt") as f:
+    with gzip.open(os.path.join(cli.BUNDLED_TRAIN, "milton_areopagitica.txt.gz"), "rt") as f:
         lines = f.read().split("\n") + [f"line {i}:  {i * 17} of {i * i}" for i in range(300)]  # digit merges
     tok = HFTokenizer(models.BPE(ignore_merges=pre == "llama-bpe"))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -160,10 +161,6 @@ def tiny_model(vocab, tied=False, seed=0):
 def inputs(vocab):
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, vocab, (2, 48), generator=g)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def logits(model, tokens):
@@ -289,7 +286,7 @@ def test_tokenizer_round_trip(pre, add_bos, bpe, tmp_path):
     (no word: only for LLaMA 3's pre-tokenizer, as llama.cpp); without one, documents start with the EOS."""
     tok = bpe[pre]
     add_bos_read = add_bos if add_bos is not None else pre == "llama-bpe"
-    lines = [line for line in gzip.open(os.path.join(ROOT, "assets", "books", "eval", "shakespeare_hamlet.txt.gz"),
+    lines = [line for line in gzip.open(os.path.join(cli.BUNDLED_EVAL, "shakespeare_hamlet.txt.gz"),
                                         "rt", encoding="utf-8").read().split("\n")[:400] if line.strip()]
     texts = TEXTS + lines
     path = write_gguf(tmp_path / "m.gguf", tiny_model(tok.get_vocab_size()), tok, pre=pre, add_bos=add_bos)

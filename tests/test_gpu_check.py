@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
 check = importlib.util.module_from_spec(spec)

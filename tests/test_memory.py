@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import cli
+from helpers import ROOT
+
 ACTIVATION_TOL = 0.2  # measured: 3 % above without checkpointing, 9 % with
 
 
@@ -78,7 +80,7 @@ def test_dry_run_of_llama_7b_needs_no_weights(tmp_path):
     from model import ModelConfig
     model = tmp_path / "llama-7b"
     model.mkdir()
-    shutil.copy(os.path.join(ROOT, "assets", "tiny", "tokenizer.model"), model)
+    shutil.copy(os.path.join(cli.BUNDLED_MODEL, "tokenizer.model"), model)
     (model / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
         "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048, "torch_dtype": "float16"}))

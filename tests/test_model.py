@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hf import CheckpointError
 from model import LLaMA
 from rope import RoPE
+from helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,10 +54,6 @@ def hf_checkpoint(path, rope=None, theta=10000.0, dtype=torch.float32, seed=0, l
 def hf_logits(hf, tokens, positions):
     with torch.no_grad():
         return hf(tokens, position_ids=positions).logits
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def sample_inputs():

@@ -16,8 +16,8 @@ import passkey
 from data import Tokenizer
 from model import LLaMA
 from passkey import FILLER, KEY_LINE, QUESTION, TASK, greedy_answer, make_prompt, run_passkey
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,19 +8,20 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import data
 import passkey
 import recall
 from model import LLaMA
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "assets", "tiny")
 
 
 @pytest.fixture(scope="module")
 def bundled(one_thread):
-    tok = data.Tokenizer(TINY)
-    return LLaMA.from_pretrained(TINY), tok, recall.held_out_stream(data.load_corpus(recall.DEFAULT_DATA, tok))
+    tok = data.Tokenizer(cli.BUNDLED_MODEL)
+    stream = recall.held_out_stream(data.load_corpus(recall.DEFAULT_DATA, tok))
+    return LLaMA.from_pretrained(cli.BUNDLED_MODEL), tok, stream
 
 
 def test_copy_sequences_are_exact_and_depend_on_the_seed_only(bundled):

@@ -9,24 +9,24 @@ import zlib
 import numpy as np
 import pytest
 
+import cli
 import data
 import settings as run_settings  # reproduce.py's `settings` are the design's
 import train
 from passkey import TASK, prompt_text
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import census  # noqa: E402
 import make_replay  # noqa: E402
 import reproduce  # noqa: E402
 
-TINY = os.path.join(ROOT, "assets", "tiny")
 POOL = os.path.join(ROOT, "assets", "replay", "passkey-256.npz")
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return data.Tokenizer(TINY)
+    return data.Tokenizer(cli.BUNDLED_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +151,8 @@ def test_arm_census_on_a_synthetic_pool(tmp_path, monkeypatch, tokenizer):
     np.savez(tmp_path / "pool.npz", input_ids=ids, targets=targets)
     books = tmp_path / "books.txt"
     books.write_text("And the king said unto them, Go ye and see. " * 200)
-    result = census.arm_census(["--model", TINY, "--data", str(books), "--target", "512", "--train-len", "128",
-                                "--method", "pose", "--steps", "3", "--batch-size", "2", "--replay",
+    result = census.arm_census(["--model", cli.BUNDLED_MODEL, "--data", str(books), "--target", "512",
+                                "--train-len", "128", "--method", "pose", "--steps", "3", "--batch-size", "2", "--replay",
                                 str(tmp_path / "pool.npz"), "--replay-batch", "4"])
     method, replay = result["method"], result["replay"]
     assert method["examples"] == 6 and method["tokens"] == 6 * 128 and method["answers"] == 0

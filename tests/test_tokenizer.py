@@ -10,6 +10,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+import cli
 import data
 import tokenizer
 from data import DataError, Tokenizer
@@ -17,8 +18,6 @@ from model import LLaMA, ModelConfig
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLED = os.path.join(ROOT, "assets", "tiny")
 EDGE = ["ROMEO", "  two leading spaces,   three inside ", "tab\tand\nnewline\n", "\u00dcn\u00efcode \U0001F600",
         "<s> and </s> and <|endoftext|> as text", "12345", ""]
 
@@ -26,7 +25,7 @@ EDGE = ["ROMEO", "  two leading spaces,   three inside ", "tab\tand\nnewline\n",
 def held_out_lines(per_play=50):
     """The first non-empty lines of each held-out play (6 x 50 = 300), as they are (indentation included)."""
     lines = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "assets", "books", "eval", "*.txt.gz"))):
+    for path in sorted(glob.glob(os.path.join(cli.BUNDLED_EVAL, "*.txt.gz"))):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines += [line for line in f.read().split("\n") if line.strip()][:per_play]
     return lines
@@ -49,7 +48,7 @@ def export(source_dir, out, vocab_size):
 @pytest.fixture(scope="module")
 def bundled_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    LLaMA.from_pretrained(BUNDLED, dtype=torch.bfloat16).save_pretrained(out)
+    LLaMA.from_pretrained(cli.BUNDLED_MODEL, dtype=torch.bfloat16).save_pretrained(out)
     return str(out)
 
 
@@ -58,7 +57,7 @@ def test_bundled_export_reads_in_transformers_to_our_ids(bundled_export):
                                                   "tokenizer.model", "tokenizer_config.json"]
     config = json.load(open(os.path.join(bundled_export, "tokenizer_config.json")))
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["add_bos_token"] is True
-    theirs, ours = auto_tokenizer(bundled_export), Tokenizer(BUNDLED)
+    theirs, ours = auto_tokenizer(bundled_export), Tokenizer(cli.BUNDLED_MODEL)
     texts = held_out_lines() + EDGE
     assert len(texts) > 300
     got = theirs(texts)["input_ids"]

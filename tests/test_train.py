@@ -18,9 +18,8 @@ from safetensors.torch import load_file
 import settings
 import train
 from model import LLaMA, ModelConfig
+from helpers import ROOT, TRAIN, run_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, "train.py")
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +60,6 @@ def replay_pool(tmp_path_factory):
     return str(path)
 
 
-def run(args, nproc=1, env=None, check=True, **kw):
-    cmd = [sys.executable, TRAIN] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
-    env = dict(os.environ, POSE_CACHE=env or os.environ.get("POSE_CACHE", "/tmp/pose-test-cache"), OMP_NUM_THREADS="1")
-    out = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=ROOT, **kw)
-    if check and out.returncode:
-        raise AssertionError(out.stderr[-3000:])
-    return out
-
-
 def common(model, data, out, **over):
     args = {"--model": model, "--data": data, "--out": out, "--target": 128, "--steps": 6, "--batch-size": 4,
             "--micro-batch-size": 1, "--lr": 3e-3, "--warmup": 2, "--save-every": 0}
@@ -89,8 +78,8 @@ def weights(out):
 def test_one_process_equals_two(tmp_path, tiny_model, stdlib_corpus, replay_pool):
     """With replay, whose windows hold different numbers of targets: its loss is the mean over all of them."""
     replay = {"--replay": replay_pool, "--replay-batch": 4}
-    run(common(tiny_model, stdlib_corpus, tmp_path / "one", **replay))
-    run(common(tiny_model, stdlib_corpus, tmp_path / "two", **replay), nproc=2)
+    run_train(common(tiny_model, stdlib_corpus, tmp_path / "one", **replay))
+    run_train(common(tiny_model, stdlib_corpus, tmp_path / "two", **replay), nproc=2)
     one, two = log_of(tmp_path / "one"), log_of(tmp_path / "two")
     assert [e["step"] for e in one] == [e["step"] for e in two] == list(range(1, 7))
     for a, b in zip(one, two):
@@ -106,7 +95,7 @@ def test_one_process_equals_two(tmp_path, tiny_model, stdlib_corpus, replay_pool
 
 def test_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path, tiny_model, stdlib_corpus):
     args = dict(**{"--steps": 24, "--save-every": 4, "--batch-size": 8})
-    run(common(tiny_model, stdlib_corpus, tmp_path / "straight", **args))
+    run_train(common(tiny_model, stdlib_corpus, tmp_path / "straight", **args))
     out = tmp_path / "killed"
     env = dict(os.environ, POSE_CACHE="/tmp/pose-test-cache", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, TRAIN] + [str(a) for a in common(tiny_model, stdlib_corpus, out, **args)],
@@ -124,7 +113,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path, tiny_model, st
     proc.wait()
     assert killed_at is not None, "the run ended before it could be killed"
     assert not os.path.exists(os.path.join(out, "model.safetensors"))
-    run(common(tiny_model, stdlib_corpus, out, **args) + ["--resume"])
+    run_train(common(tiny_model, stdlib_corpus, out, **args) + ["--resume"])
     straight, resumed = log_of(tmp_path / "straight"), log_of(out)
     strip = lambda log: [(e["step"], e["loss"], e["lr"], e["tokens"]) for e in log]  # noqa: E731
     assert strip(resumed) == strip(straight)
@@ -138,9 +127,9 @@ def test_a_finished_run_continues_with_more_steps(tmp_path):
     """The last step is checkpointed (and kept): --resume with a larger --steps continues a finished run."""
     out = tmp_path / "run"
     short = ["--target", 1024, "--steps", 3, "--batch-size", 2, "--out", out]
-    run(short)
+    run_train(short)
     assert os.path.isdir(out / "checkpoints" / "step_000003")
-    run(short[:3] + [5] + short[4:] + ["--resume"])
+    run_train(short[:3] + [5] + short[4:] + ["--resume"])
     log = log_of(out)
     assert [e["step"] for e in log] == [1, 2, 3, 4, 5] and log[3]["resumed_with"] == {"steps": [3, 5]}
     assert os.path.isfile(out / "model.safetensors")
@@ -149,7 +138,7 @@ def test_a_finished_run_continues_with_more_steps(tmp_path):
 def test_export_loads_in_transformers_with_the_rope_scaling(tmp_path, tiny_model, stdlib_corpus):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "out"
-    run(common(tiny_model, stdlib_corpus, out, **{"--steps": 2, "--rope": "yarn"}))
+    run_train(common(tiny_model, stdlib_corpus, out, **{"--steps": 2, "--rope": "yarn"}))
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     rope = hf.config.rope_parameters
     assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0 and rope["original_max_position_embeddings"] == 32
@@ -164,7 +153,7 @@ def test_export_loads_in_transformers_with_the_rope_scaling(tmp_path, tiny_model
 
 def test_loss_goes_down_on_real_text(tmp_path, tiny_model, stdlib_corpus):
     out = tmp_path / "out"
-    run(common(tiny_model, stdlib_corpus, out, **{"--steps": 30, "--lr": 1e-2, "--warmup": 3, "--method": "pi"}))
+    run_train(common(tiny_model, stdlib_corpus, out, **{"--steps": 30, "--lr": 1e-2, "--warmup": 3, "--method": "pi"}))
     losses = [e["loss"] for e in log_of(out)]
     assert np.mean(losses[-5:]) < losses[0] - 1.0, losses
 
@@ -172,7 +161,7 @@ def test_loss_goes_down_on_real_text(tmp_path, tiny_model, stdlib_corpus):
 @pytest.mark.parametrize("method", ["full", "randpos", "pose"])
 def test_methods_run(tmp_path, tiny_model, stdlib_corpus, method):
     out = tmp_path / method
-    run(common(tiny_model, stdlib_corpus, out, **{"--steps": 2, "--method": method, "--chunks": 3}))
+    run_train(common(tiny_model, stdlib_corpus, out, **{"--steps": 2, "--method": method, "--chunks": 3}))
     log = log_of(out)
     assert log[-1]["tokens"] == 2 * 4 * (128 if method == "full" else 32)
 
@@ -180,9 +169,10 @@ def test_methods_run(tmp_path, tiny_model, stdlib_corpus, method):
 def test_bf16_checkpointing_and_offload_paths(tmp_path, tiny_model, stdlib_corpus):
     """The CUDA configuration's code paths on the CPU: bf16 MixedPrecisionPolicy, activation checkpointing and
     CPUOffloadPolicy give the fp32 run's losses (exactly for checkpointing/offload, loosely for bf16)."""
-    run(common(tiny_model, stdlib_corpus, tmp_path / "plain"))
-    run(common(tiny_model, stdlib_corpus, tmp_path / "ckpt", **{"--grad-checkpointing": True, "--cpu-offload": True}))
-    run(common(tiny_model, stdlib_corpus, tmp_path / "bf16", **{"--precision": "bf16"}))
+    run_train(common(tiny_model, stdlib_corpus, tmp_path / "plain"))
+    run_train(common(tiny_model, stdlib_corpus, tmp_path / "ckpt",
+                     **{"--grad-checkpointing": True, "--cpu-offload": True}))
+    run_train(common(tiny_model, stdlib_corpus, tmp_path / "bf16", **{"--precision": "bf16"}))
     plain, ckpt, bf16 = (log_of(tmp_path / n) for n in ("plain", "ckpt", "bf16"))
     for a, b, c in zip(plain, ckpt, bf16):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
@@ -249,12 +239,12 @@ def test_bad_input_one_line_error(tmp_path, tiny_model, stdlib_corpus, case, mat
         raw = (model / "model.safetensors").read_bytes()
         (model / "model.safetensors").write_bytes(raw[: len(raw) // 3])
     elif case == "corrupt-resume":
-        run(common(model, data_path, out, **{"--steps": 4, "--save-every": 2}))
+        run_train(common(model, data_path, out, **{"--steps": 4, "--save-every": 2}))
         ckpt = sorted(glob.glob(os.path.join(out, "checkpoints", "step_*")))[-1]  # the one --resume reads
         open(os.path.join(ckpt, ".metadata"), "wb").write(b"garbage")
         extra = {"--resume": True}
     before = set(os.listdir(out)) if os.path.exists(out) else None
-    res = run(common(model, data_path, out, **extra), check=False)
+    res = run_train(common(model, data_path, out, **extra), check=False)
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in res.stderr, res.stderr
@@ -290,13 +280,13 @@ def test_replay_stream(tmp_path, tiny_model, stdlib_corpus):
     assert not np.array_equal(train.replay_windows(0, a, pool)[0], train.replay_windows(0, b, pool)[0])
 
     replay = {"--replay": pool_path, "--replay-batch": 2}
-    run(common(tiny_model, stdlib_corpus, tmp_path / "plain", **{"--steps": 3}))
-    run(common(tiny_model, stdlib_corpus, tmp_path / "w0", **{"--steps": 3, "--replay-weight": 0}, **replay))
-    run(common(tiny_model, stdlib_corpus, tmp_path / "w", **{"--steps": 3}, **replay))
+    run_train(common(tiny_model, stdlib_corpus, tmp_path / "plain", **{"--steps": 3}))
+    run_train(common(tiny_model, stdlib_corpus, tmp_path / "w0", **{"--steps": 3, "--replay-weight": 0}, **replay))
+    run_train(common(tiny_model, stdlib_corpus, tmp_path / "w", **{"--steps": 3}, **replay))
     plain, w0, w = (log_of(tmp_path / n) for n in ("plain", "w0", "w"))
     assert [e["loss"] for e in w0] == [e["loss"] for e in plain]
     assert w[0]["loss"] == plain[0]["loss"] and w[-1]["loss"] != plain[-1]["loss"]
     assert all(e["replay_loss"] > 0 for e in w) and "replay_loss" not in plain[0]
     assert json.load(open(tmp_path / "w" / "args.json"))["replay_weight"] == pytest.approx(2 / 6)
-    bad = run(common(tiny_model, stdlib_corpus, tmp_path / "bad", **{"--train-len": 16}, **replay), check=False)
+    bad = run_train(common(tiny_model, stdlib_corpus, tmp_path / "bad", **{"--train-len": 16}, **replay), check=False)
     assert bad.returncode == 1 and "holds windows of 32 tokens, not --train-len 16" in bad.stderr
