@@ -55,9 +55,6 @@ from model import LLaMA
 from prompts import FILLER, KEY_LINE, QUESTION, TASK
 from rope import CHECKPOINT, describe_rope, original_window, scaling_from_spec, supported_window
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.join(HERE, "assets", "tiny")  # the bundled tiny base model (256-token window)
-DEFAULT_DATA = os.path.join(HERE, "assets", "books", "eval")  # held-out public-domain plays
 TASKS = ("copy", "passkey", "multikey")
 LABELS = ("river", "apple", "castle", "violin", "garden", "rocket", "candle", "forest", "mirror", "tiger", "harbor",
           "lantern")  # multikey: what each key belongs to
@@ -407,8 +404,8 @@ def parse_args(argv=None):
                                        "multi-key retrieval with distractors.")
     p.add_argument("--model", action="append", metavar="DIR",
                    help=f"Hugging Face model directory with its tokenizer; repeat for several rows (default: the "
-                        f"bundled tiny base, {os.path.relpath(DEFAULT_MODEL)})")
-    p.add_argument("--data", default=DEFAULT_DATA, help="held-out text for the filler and the passages (default: "
+                        f"bundled tiny base, {os.path.relpath(cli.BUNDLED_MODEL)})")
+    p.add_argument("--data", default=cli.BUNDLED_EVAL, help="held-out text for the filler and the passages (default: "
                                                         "the bundled held-out plays)")
     p.add_argument("--distances", type=int, nargs="+", default=None,
                    help="distances in tokens (default: window x 1/4, 1/2, 3/4, 1, 2, 4, ... up to the supported one)")
@@ -429,7 +426,7 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="FILE", help="write the means and every probe and trial to FILE")
     p.add_argument("--plot", metavar="FILE", help="write the metrics against distance (.png, .pdf, ...)")
     args = p.parse_args(argv)
-    args.model = args.model or [DEFAULT_MODEL]
+    args.model = args.model or [cli.BUNDLED_MODEL]
     try:
         for flag in ("passage", "sequences", "trials"):
             cli.positive(f"--{flag}", getattr(args, flag))

@@ -12,15 +12,14 @@ import cli
 import data
 import passkey
 import recall
-from model import LLaMA
 from helpers import ROOT
-
+from model import LLaMA
 
 
 @pytest.fixture(scope="module")
 def bundled(one_thread):
     tok = data.Tokenizer(cli.BUNDLED_MODEL)
-    stream = recall.held_out_stream(data.load_corpus(recall.DEFAULT_DATA, tok))
+    stream = recall.held_out_stream(data.load_corpus(cli.BUNDLED_EVAL, tok))
     return LLaMA.from_pretrained(cli.BUNDLED_MODEL), tok, stream
 
 
