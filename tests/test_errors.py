@@ -18,7 +18,15 @@ from helpers import ROOT
 def start(script, *args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", POSE_CACHE=os.path.join(cwd, "cache"))
     return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=plain_sigint)
+
+
+def plain_sigint():
+    """In the child before it starts: SIGINT unblocked and at its default, as a shell gives it, whatever the test
+    process inherited or set (a blocked or ignored SIGINT is passed on to children, and train.py would never see
+    Ctrl-C)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def snapshot(folder):
