@@ -223,8 +223,8 @@ def test_ctrl_c(tmp_path, tiny_model_dir, text_corpus):
         time.sleep(0.1)
     time.sleep(0.5)
     pk.send_signal(signal.SIGINT)
-    # In full-suite runs on this machine the first SIGINT was sometimes followed by the run finishing normally (cause
-    # not found; it never happened with the test alone): signal again while it still runs, once a few seconds later
+    # In full-suite runs the children used to inherit a blocked or ignored SIGINT from the test process and never see
+    # Ctrl-C (plain_sigint now resets it); should a signal still be missed, it is sent again while the run goes on
     for _ in range(5):
         run.send_signal(signal.SIGINT)
         try:
