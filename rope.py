@@ -239,7 +239,7 @@ def scaling_from_spec(spec, original_len, factor=None, checkpoint=None):
     """A rope_scaling dict from a command-line spec KIND[:FACTOR][,KEY=VALUE ...]: "none", "linear:8", "ntk:4",
     "dynamic:8", "yarn:8", "yarn-revised:8", "llama3:8", "yarn:8,beta_fast=4,beta_slow=1" (OPTIONS lists the keys),
     or "checkpoint": the `checkpoint` scaling given. The factor may be left out when `factor` gives it (train.py:
-    target / train_len). original_len is the window the model was trained on (the base of YaRN's ramp and of
+    target / the checkpoint's window). original_len is the window the model was trained on (the base of YaRN's ramp and of
     dynamic/llama3 scaling)."""
     if spec == CHECKPOINT:
         return checkpoint

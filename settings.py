@@ -240,7 +240,7 @@ def resolve(args, world=None, device=None):
                          f"--micro-batch-size {v['micro_batch_size']}")
     v["replay"], v["replay_batch"], v["replay_weight"] = replay_settings(
         v["replay"], v["replay_batch"], v["replay_weight"], v["batch_size"], v["train_len"], world)
-    v["rope_scaling"] = extended_scaling(fields, v["rope"], recipe["rope"], v["train_len"], v["target"])
+    v["rope_scaling"] = extended_scaling(fields, v["rope"], recipe["rope"], v["target"])
     window = supported_window(fields["rope_scaling"], original_window(fields["rope_scaling"],
                                                                       fields["max_position_embeddings"]))
     if v["rope_scaling"] is not None and v["target"] <= window:
@@ -279,22 +279,26 @@ def replay_settings(replay, batch, weight, batch_size, train_len, world):
     return os.path.abspath(replay), batch, weight
 
 
-def extended_scaling(fields, spec, recipe_spec, train_len, target):
+def extended_scaling(fields, spec, recipe_spec, target):
     """The rope_scaling of the extended model.
 
-    A plain checkpoint gets `spec` (default: the recipe's) with factor target / train_len over train_len. A checkpoint
-    that is already extended (scaling of factor f over an original window o) keeps its type and every setting, and
-    its factor grows to target / o: yarn x8 over 256, extended to 4096, becomes yarn x16 over 256, so positions keep
-    the angles the checkpoint was trained with. Another type cannot compose with it: refused."""
+    A plain checkpoint gets `spec` (default: the recipe's) with factor target / w over its window w
+    (max_position_embeddings), whatever the training length: the interpolation maps the target onto the positions
+    the base was pretrained on, and PoSE's training window may be shorter than that (SmolLM2: 8192-token window,
+    --train-len 1024, --target 16384 is yarn x2 over 8192, not x16 over 1024). A checkpoint that is already extended
+    (scaling of factor f over an original window o) keeps its type and every setting, and its factor grows to
+    target / o: yarn x8 over 256, extended to 4096, becomes yarn x16 over 256, so positions keep the angles the
+    checkpoint was trained with. Another type cannot compose with it: refused."""
     own = fields["rope_scaling"]
     if own is None:
+        window = fields["max_position_embeddings"]
         try:
-            scaling = scaling_from_spec(spec or recipe_spec, train_len, factor=target / train_len)
+            scaling = scaling_from_spec(spec or recipe_spec, window, factor=target / window)
         except ValueError as e:
             raise UsageError(f"--rope: {e}") from None
-        if scaling and scaling["factor"] != target / train_len:  # a factor in the spec, e.g. linear:8
-            raise UsageError(f"--rope {spec}: factor {scaling['factor']:g} is not --target {target} / --train-len "
-                             f"{train_len} = {target / train_len:g}; leave the factor out (--rope "
+        if scaling and scaling["factor"] != target / window:  # a factor in the spec, e.g. linear:8
+            raise UsageError(f"--rope {spec}: factor {scaling['factor']:g} is not --target {target} / the model's "
+                             f"{window}-token window = {target / window:g}; leave the factor out (--rope "
                              f"{rope_kind(spec)}) and it follows the target")
         return scaling
     original = original_window(own, fields["max_position_embeddings"])

@@ -64,7 +64,7 @@ RESULTS = os.path.join(ROOT, "results", "toy", "v2")  # where --publish writes (
 PUBLISHED = ("results.json", "results.md", "ppl.png", "passkey.png", "passkey_depth.png", "recall.png")
 SMOKE = "SMOKE RUN (--quick): not results"
 
-YARN = "yarn,beta_fast=4,beta_slow=1"  # DESIGN section 4: factor target / train_len = 8
+YARN = "yarn,beta_fast=4,beta_slow=1"  # DESIGN section 4: factor target / window = 2048 / 256 = 8
 YARN8 = "yarn:8,beta_fast=4,beta_slow=1"
 RELATIVE = "yarn,beta_fast=4,beta_slow=0.125"  # the both-relative ramp: unseen angles from 1.5 windows on
 

@@ -38,7 +38,7 @@ def test_no_replay(argv):
 @pytest.mark.parametrize("argv,match", [
     (("--replay", "none", "--replay-batch", 4), "--replay and --replay-batch go together"),
     (("--replay", settings.BUNDLED_REPLAY, "--replay-batch", 0), "--replay and --replay-batch go together"),
-    (("--rope", "linear:8", "--target", 1024), r"factor 8 is not --target 1024 / --train-len 256 = 4; leave the "
+    (("--rope", "linear:8", "--target", 1024), r"factor 8 is not --target 1024 / the model's 256-token window = 4; leave the "
                                                  r"factor out \(--rope linear\)"),
     (("--target", 256), "--target 256 is not beyond the model's 256-token window: nothing to extend"),
     (("--target", 200), "below the training length 256"),
@@ -71,3 +71,11 @@ def test_summary_next_commands_and_the_bundled_replay_note(tmp_path, capsys, tex
     note = [line for line in out.splitlines() if line.startswith("note: the bundled passkey replay")]
     assert len(note) == 1 and "4 windows per step, weight 0.2" in note[0] and "--replay none" in note[0]
     assert os.path.relpath(settings.BUNDLED_REPLAY) in note[0]
+
+
+def test_factor_over_the_checkpoint_window_not_the_training_window():
+    """A training window shorter than the checkpoint's (PoSE needs none longer) leaves the interpolation as it is:
+    target / the checkpoint's window, over that window."""
+    short, default = resolve("--target", 2048, "--train-len", 128), resolve("--target", 2048)
+    assert short.train_len == 128 and short.rope_scaling == default.rope_scaling
+    assert short.rope_scaling["factor"] == 8.0 and short.rope_scaling["original_max_position_embeddings"] == 256
