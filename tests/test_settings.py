@@ -76,6 +76,7 @@ def test_summary_next_commands_and_the_bundled_replay_note(tmp_path, capsys, tex
 def test_factor_over_the_checkpoint_window_not_the_training_window():
     """A training window shorter than the checkpoint's (PoSE needs none longer) leaves the interpolation as it is:
     target / the checkpoint's window, over that window."""
-    short, default = resolve("--target", 2048, "--train-len", 128), resolve("--target", 2048)
+    short = resolve("--target", 2048, "--train-len", 128, "--replay", "none")
+    default = resolve("--target", 2048, "--replay", "none")
     assert short.train_len == 128 and short.rope_scaling == default.rope_scaling
     assert short.rope_scaling["factor"] == 8.0 and short.rope_scaling["original_max_position_embeddings"] == 256
