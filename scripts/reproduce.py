@@ -206,10 +206,12 @@ def git_state():
 
 
 def write_atomically(path, write):
-    """write(tmp) on a temporary name with path's extension (matplotlib reads it), then rename to path."""
+    """write(tmp) on a temporary name of this process with path's extension (matplotlib reads it), then rename to
+    path: two processes rewriting one file leave one whole version of it."""
     root, ext = os.path.splitext(path)
-    write(root + ".tmp" + ext)
-    os.replace(root + ".tmp" + ext, path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def write_text(path, text):
