@@ -25,7 +25,7 @@ finished row-seed, OUT/results.json (settings, git commit, per-seed numbers, pas
 OUT/results.md with the plots (ppl.png, passkey.png, passkey_depth.png) are rewritten, pending rows marked so.
 
 --publish computes nothing: it copies the results of the rows printed (--rows, default all) to results/toy/, and
-only when OUT was run with the design's settings (not --quick) and every printed row has all its seeds there;
+only when OUT was run with the design's settings (not --quick) and every printed row has all its design seeds (0-2) there (seeds 3-4 of the main trio, DESIGN.md section 15, join when computed);
 otherwise it is an error and results/ is untouched. Design v2 publishes into results/toy/v2/; results/toy/*.json|md
 are v1's (no recall; the token-matched row at replay weight 2/3), kept until v2 has every row. Nothing else ever writes under results/.
 
@@ -75,8 +75,10 @@ class Row(NamedTuple):
     train: tuple = None  # train.py arguments besides the recipe, replay and seed; None: no training
     rope: str = None  # rotary scaling the base is evaluated with (rows without training)
     optional: bool = False
+    extra_seeds: tuple = ()  # seeds beyond the design's 0-2 (DESIGN.md section 15); design runs only
 
 
+EXTRA = (3, 4)  # DESIGN.md section 15: the main trio's seeds 3 and 4
 TOKEN_MATCHED = "{token_matched}"  # the batch that gives Full-length PoSE's method tokens per step
 ROWS = (  # DESIGN section 7, in the order they run: no training first, then the main table, then the rest
     Row("original", "Original", rope="none"),
@@ -85,11 +87,12 @@ ROWS = (  # DESIGN section 7, in the order they run: no training first, then the
     Row("yarn-only", "YaRN-only", rope=YARN8),
     Row("yarn-only-standard", "YaRN-only, standard ramp 32 / 1", rope="yarn:8"),
     Row("yarn-only-relative", "YaRN-only, both-relative ramp 4 / 0.125", rope="yarn:8,beta_fast=4,beta_slow=0.125"),
-    Row("pose-n2", "PoSE N=2", ("--method", "pose", "--chunks", "2", "--rope", YARN)),
-    Row("pi-ft", "PI fine-tuned, no skips", ("--method", "pi", "--rope", YARN)),
+    Row("pose-n2", "PoSE N=2", ("--method", "pose", "--chunks", "2", "--rope", YARN), extra_seeds=EXTRA),
+    Row("pi-ft", "PI fine-tuned, no skips", ("--method", "pi", "--rope", YARN), extra_seeds=EXTRA),
     Row("randpos", "RandPos", ("--method", "randpos", "--rope", YARN)),
     Row("full-token", "Full-length, token-matched", ("--method", "full", "--rope", YARN, "--batch-size",
-                                                     TOKEN_MATCHED, "--micro-batch-size", TOKEN_MATCHED)),
+                                                     TOKEN_MATCHED, "--micro-batch-size", TOKEN_MATCHED),
+        extra_seeds=EXTRA),
     Row("full-step", "Full-length, step-matched", ("--method", "full", "--rope", YARN)),
     Row("pose-linear", "PoSE, linear", ("--method", "pose", "--rope", "linear")),
     Row("pose-ntk", "PoSE, NTK", ("--method", "pose", "--rope", "ntk")),
@@ -121,7 +124,7 @@ MAIN_TABLE = TABLES[0][2]
 PAIRS = (("pose-ntk", "pi-ntk", "NTK", "from 2.4 windows on"),
          ("pose-relative", "pi-relative", "YaRN 4 / 0.125", "from 1.5 windows on"),
          ("pose-n2", "pi-ft", "YaRN 4 / 1 (control)", "never up to 8x"))
-T_CRITICAL = 4.30  # two-sided 5% with 2 degrees of freedom (3 seeds)
+T_CRITICAL = {3: 4.30, 5: 2.78}  # two-sided 5% of Student's t with n - 1 degrees of freedom, n seeds
 RENAMED = {("T6", "pose-n2"): "PoSE, YaRN (= PoSE N=2)", ("T6", "full-step"): "Full-length, YaRN (= step-matched)",
            ("T4", "pose-n2"): "PoSE, content uniform (= PoSE N=2)"}
 
@@ -187,6 +190,14 @@ def row_train_args(row, settings, seed, root=None):
 
 
 def seeds_of(row, settings):
+    """Every seed a row runs: the design's, and for a design run the row's extra seeds (section 15)."""
+    if not row.train:
+        return [None]
+    return list(settings["seeds"]) + (list(row.extra_seeds) if settings["mode"] == "design" else [])
+
+
+def required_seeds(row, settings):
+    """The seeds a row must have to be published: the design's (its extra seeds are added when they exist)."""
     return list(settings["seeds"]) if row.train else [None]
 
 
@@ -405,7 +416,7 @@ def collect(out, settings, slugs):
                                                                    if k not in ("settings", "row", "label")}
         entry = {"label": row.label, "train_args": list(row.train) if row.train else None,
                  "rope": row.rope or "checkpoint", "optional": row.optional,
-                 "seeds_expected": expected, "seeds_done": [s for s in expected
+                 "seeds_expected": expected, "seeds_required": required_seeds(row, settings), "seeds_done": [s for s in expected
                                                            if ("base" if s is None else str(s)) in per_seed],
                  "per_seed": per_seed}
         if per_seed:
@@ -523,7 +534,7 @@ def markdown(results):
     s = results["settings"]
     quick = s["mode"] == "quick"
     rows = results["rows"]
-    pending = [e["label"] for e in rows.values() if e["seeds_done"] != e["seeds_expected"]]
+    pending = [e["label"] for e in rows.values() if not set(e["seeds_required"]) <= set(e["seeds_done"])]
     commits = ", ".join(c["commit"][:10] + (" (modified)" if c["dirty"] else "")
                         for c in results["evaluated_at_commits"] if c["commit"]) or "-"
     md = ([SMOKE, ""] if quick else []) + [
@@ -566,15 +577,16 @@ def beyond_window(entry, settings, metric, seed):
     return statistics.fmean(far) if far else None
 
 
-def paired(results, pose, pi, metric):
-    """Per-seed PoSE - PI differences of `metric` (beyond the window, or ppl at the longest ctx), their mean, the
-    paired t and the verdict of the decision rule; None until both rows have every seed."""
+def paired(results, pose, pi, metric, n=3):
+    """Per-seed PoSE - PI differences of `metric` (beyond the window, or ppl at the longest ctx) over the first `n`
+    seeds, their mean, the paired t and the verdict of the decision rule (n = 3: section 14's, n = 5: section 15's);
+    None until both rows have those seeds."""
     s, rows = results["settings"], results["rows"]
     if pose not in rows or pi not in rows:
         return None
     a, b = rows[pose], rows[pi]
-    seeds = [x for x in a["seeds_expected"] if str(x) in a["per_seed"] and str(x) in b["per_seed"]]
-    if len(seeds) < len(a["seeds_expected"]):
+    seeds = a["seeds_expected"][:n]
+    if len(seeds) < n or any(str(x) not in a["per_seed"] or str(x) not in b["per_seed"] for x in seeds):
         return None
     if metric == "ppl":
         top = str(max(s["ctx"]))
@@ -585,7 +597,7 @@ def paired(results, pose, pi, metric):
     m, sd = mean_std(diffs)
     t = m / (sd / math.sqrt(len(diffs))) if sd else (math.inf if m else 0.0)
     same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-    return dict(diffs=diffs, mean=m, t=t, finding=same_sign and abs(t) > T_CRITICAL)
+    return dict(diffs=diffs, mean=m, t=t, finding=same_sign and abs(t) > T_CRITICAL[n])
 
 
 def recall_sections(results):
@@ -608,17 +620,20 @@ def recall_sections(results):
         md.append(f"| {entry['label']} | {seeds_label(entry)} | " + " | ".join(cells) +
                   f" | {fmt_cell(dict(zip(('mean', 'std'), far)))} |")
     md += ["", "![recall](recall.png)", "", "## Do the skips matter? PoSE minus PI-no-skips, paired by seed", "",
-           f"Decision rule (DESIGN.md section 14): a finding when every seed has the same sign and |paired t| > "
-           f"{T_CRITICAL}.", "",
-           "| setting | positions out of range | metric | per-seed PoSE - PI | mean | t | finding |",
-           "|---|---|---|---|---|---|---|"]
+           f"Decision rule (DESIGN.md sections 14 and 15): a finding when every seed has the same sign and "
+           f"|paired t| > {T_CRITICAL[3]} (3 seeds) or {T_CRITICAL[5]} (5 seeds).", "",
+           "| setting | positions out of range | metric | seeds | per-seed PoSE - PI | mean | t | finding |",
+           "|---|---|---|---|---|---|---|---|"]
     for pose, pi, setting, out_of_range in PAIRS:
-        for metric, label in (("passkey_accuracy", "passkey accuracy, d > window"),
-                              ("passkey_nll", "key NLL, d > window"), ("ppl", f"ppl at {max(s['ctx'])}")):
-            p = paired(results, pose, pi, metric)
-            cells = ["pending"] * 4 if p is None else [", ".join(f"{d:+.3f}" for d in p["diffs"]), f"{p['mean']:+.3f}",
-                                                        f"{p['t']:.2f}", "yes" if p["finding"] else "no"]
-            md.append(f"| {setting} | {out_of_range} | {label} | " + " | ".join(cells) + " |")
+        counts = (3, 5) if ROW[pose].extra_seeds and s["mode"] == "design" else (3,)
+        for n in counts:
+            for metric, label in (("passkey_accuracy", "passkey accuracy, d > window"),
+                                  ("passkey_nll", "key NLL, d > window"), ("ppl", f"ppl at {max(s['ctx'])}")):
+                p = paired(results, pose, pi, metric, n)
+                cells = ["pending"] * 4 if p is None else [", ".join(f"{d:+.3f}" for d in p["diffs"]),
+                                                            f"{p['mean']:+.3f}", f"{p['t']:.2f}",
+                                                            "yes" if p["finding"] else "no"]
+                md.append(f"| {setting} | {out_of_range} | {label} | 0-{n - 1} | " + " | ".join(cells) + " |")
     return md + [""]
 
 
@@ -732,7 +747,7 @@ def publish(out, slugs, dest=RESULTS):
     if settings != design_settings():
         raise PublishError(f"{out} was run with settings other than results/toy/DESIGN.md's: not published")
     missing = [f"{slug} seed {seed}" if seed is not None else slug for slug in slugs
-               for seed in seeds_of(ROW[slug], settings)
+               for seed in required_seeds(ROW[slug], settings)
                if not os.path.isfile(os.path.join(row_dir(out, ROW[slug], seed), "eval.json"))]
     if missing:
         raise PublishError(f"not computed in {out}: {', '.join(missing)}; run scripts/reproduce.py for them first, "
@@ -771,8 +786,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="the smoke run: every row, reduced (see below)")
     p.add_argument("--rows", default=None, help="comma-separated row names (default: every row but the optional "
                                                 "ones; --quick: every row; 'all': every row)")
-    p.add_argument("--seeds", default=None, help="comma-separated training seeds to compute now (default: the "
-                                                 "design's 0,1,2; --quick: 0)")
+    p.add_argument("--seeds", default=None, help="comma-separated training seeds to compute now (default: every "
+                                                 "seed: 0,1,2, and 3,4 of the main trio; --quick: 0)")
     p.add_argument("--jobs", type=int, default=2, choices=(1, 2), help="row-seeds computed side by side, each in "
                    "its own process (default 2: both cores; 1 leaves a core to others)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each training run (default 1: on a "
@@ -791,12 +806,13 @@ def parse_args(argv=None):
         if unknown:
             p.error(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(ROW)}")
     settings = design_settings(args.quick)
+    known = sorted({seed for r in ROWS for seed in seeds_of(r, settings) if seed is not None})
     if args.seeds is None:
-        args.seeds = settings["seeds"]
+        args.seeds = known
     else:
         args.seeds = [int(s) for s in args.seeds.split(",")]
-        if not set(args.seeds) <= set(settings["seeds"]):
-            p.error(f"--seeds must be among the {'--quick' if args.quick else 'design'} seeds {settings['seeds']}")
+        if not set(args.seeds) <= set(known):
+            p.error(f"--seeds must be among the {'--quick' if args.quick else 'design'} seeds {known}")
     if args.publish and args.quick:
         p.error("--quick runs are never published")
     return args, settings

@@ -274,6 +274,34 @@ def test_publish_refuses_quick_partial_and_other_settings(tmp_path):
     assert pose["summary"]["ppl"]["2048"]["std"] == pytest.approx(np.std(values, ddof=1))
     md = (dest / "results.md").read_text()
     assert not md.startswith(reproduce.SMOKE) and "±" in md and "Pending" not in md
+    assert pose["seeds_expected"] == [0, 1, 2, 3, 4] and "| 3 of 5 |" in md  # seeds 3-4 (section 15) not yet there
+
+    # seeds 3 and 4 join the row when computed
+    out = fake_out(tmp_path / "five", design, everything + [("pose-n2", 3), ("pose-n2", 4)])
+    reproduce.publish(out, rows, dest=str(dest))
+    pose = json.load(open(dest / "results.json"))["rows"]["pose-n2"]
+    assert sorted(pose["per_seed"]) == ["0", "1", "2", "3", "4"] and pose["summary"]["ppl"]["2048"]["n"] == 5
+
+
+def test_paired_rule_with_three_and_five_seeds():
+    """Section 14's rule on seeds 0-2 (t > 4.30) and section 15's on seeds 0-4 (t > 2.78), both same-sign."""
+    settings = reproduce.design_settings()
+
+    def results(diffs):
+        rows = {slug: {"seeds_expected": [0, 1, 2, 3, 4], "per_seed": {}} for slug in ("pose-n2", "pi-ft")}
+        for seed, d in enumerate(diffs):
+            for slug, value in (("pose-n2", 40.0 + d), ("pi-ft", 40.0)):
+                rows[slug]["per_seed"][str(seed)] = {"ppl": {"2048": {"ppl": value}}}
+        return {"settings": settings, "rows": rows}
+
+    three = results([1.0, 1.1, 0.9])
+    assert reproduce.paired(three, "pose-n2", "pi-ft", "ppl", 3)["finding"]
+    assert reproduce.paired(three, "pose-n2", "pi-ft", "ppl", 5) is None  # seeds 3-4 missing
+    five = reproduce.paired(results([1.0, 0.2, 1.5, 0.4, 1.2]), "pose-n2", "pi-ft", "ppl", 5)
+    assert five["t"] == pytest.approx(np.mean([1.0, 0.2, 1.5, 0.4, 1.2]) / (np.std([1.0, 0.2, 1.5, 0.4, 1.2], ddof=1)
+                                                                              / np.sqrt(5)))
+    assert 2.78 < five["t"] < 4.30 and five["finding"]  # a finding with 5 seeds at a t that 3 seeds would not pass
+    assert not reproduce.paired(results([1.0, -0.2, 1.5, 0.4, 1.2]), "pose-n2", "pi-ft", "ppl", 5)["finding"]
 
 
 def test_quick_results_are_labelled(tmp_path):
