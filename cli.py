@@ -89,6 +89,20 @@ def add_threads(parser):
                              "job beside this one: two processes that each use every core run 5-10x slower")
 
 
+def add_model_options(parser, checkpoint, rows=True):
+    """--rope, --original-len, --device, --dtype of the evaluation commands (evaluate.py, passkey.py, recall.py).
+    checkpoint: the spec that keeps the checkpoint's own scaling (rope.CHECKPOINT), the default; rows: --rope takes
+    one spec per row of the table (a list), else a single spec."""
+    many = dict(nargs="+", default=[checkpoint]) if rows else dict(default=checkpoint)
+    parser.add_argument("--rope", metavar="SPEC", **many,
+                        help=f"rotary scaling{' per row' if rows else ''}: {checkpoint} (default), none, linear:8, "
+                             "ntk:8, yarn:8, ...")
+    parser.add_argument("--original-len", type=int, default=None,
+                        help="the model's original window (default: from its config.json, see rope.original_window)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+
+
 def set_threads(n, torch_threads=True):
     """Apply --threads: torch's intra-op threads (torch_threads) and the `tokenizers` library's pool, which reads
     RAYON_NUM_THREADS when it starts (sentencepiece takes its count per call: data.prepare's `threads`). None: leave

@@ -158,12 +158,7 @@ def parse_args(argv=None):
                    help="use documents of at least this many tokens, BOS included (default: the largest ctx)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="truncate documents to this many tokens, BOS included (default: the largest ctx; 0: keep all)")
-    p.add_argument("--rope", nargs="+", default=[CHECKPOINT], metavar="SPEC",
-                   help="rotary scaling per row: checkpoint (default), none, linear:8, ntk:8, yarn:8, ...")
-    p.add_argument("--original-len", type=int, default=None,
-                   help="the model's original window (default: from its config.json, see rope.original_window)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    cli.add_model_options(p, CHECKPOINT)
     p.add_argument("--json", metavar="FILE", help="write every number printed, and more, to FILE")
     cli.add_threads(p)
     args = p.parse_args(argv)

@@ -293,12 +293,7 @@ def parse_args(argv=None):
     p.add_argument("--no-cache", dest="cache", action="store_false",
                    help="re-read the whole sequence for each answer token instead of using a KV cache (default: "
                         "cache)")
-    p.add_argument("--rope", default=CHECKPOINT, metavar="SPEC",
-                   help="rotary scaling: checkpoint (default), none, linear:8, ntk:8, yarn:8, ...")
-    p.add_argument("--original-len", type=int, default=None,
-                   help="the model's original window (default: from its config.json, see rope.original_window)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    cli.add_model_options(p, CHECKPOINT, rows=False)
     p.add_argument("--json", metavar="FILE", help="write one record per trial and the accuracy per length "
                                                   "(default: none)")
     p.add_argument("--plot", metavar="FILE", help="write an accuracy heatmap over length x depth (.png, .pdf, ...; "

@@ -416,12 +416,7 @@ def parse_args(argv=None):
     p.add_argument("--trials", type=int, default=20, help="passkey and multikey: trials per distance (default 20)")
     p.add_argument("--keys", type=int, default=4, help="multikey: keys per prompt, one asked for (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of every construction (default 0)")
-    p.add_argument("--rope", nargs="+", default=[CHECKPOINT], metavar="SPEC",
-                   help="rotary scaling per row: checkpoint (default), none, linear:8, ntk:8, yarn:8, ...")
-    p.add_argument("--original-len", type=int, default=None,
-                   help="the model's original window (default: from its config.json, see rope.original_window)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=cli.DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    cli.add_model_options(p, CHECKPOINT)
     cli.add_threads(p)
     p.add_argument("--json", metavar="FILE", help="write the means and every probe and trial to FILE")
     p.add_argument("--plot", metavar="FILE", help="write the metrics against distance (.png, .pdf, ...)")
