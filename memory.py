@@ -63,6 +63,12 @@ class Plan:
     def part(self, what):
         return next(r.bytes for r in self.rows if r.what.startswith(what))
 
+    def parts(self):
+        """{weights, gradients, adamw: the sharded state's rows; working: the other rows, what a step adds to the
+        state (gathered weights, activations, the loss); peak} in bytes, as bench.py's memory section compares them."""
+        weights, gradients, adamw, *working = (r.bytes for r in self.rows)
+        return dict(weights=weights, gradients=gradients, adamw=adamw, working=sum(working), peak=self.peak)
+
     def table(self):
         lines = ["| what | arithmetic | GB |", "| --- | --- | --- |"]
         lines += [f"| {r.what} | {r.arithmetic} | {r.bytes / GB:.2f} |" for r in self.rows]

@@ -111,10 +111,13 @@ def broadcast(obj):
 # ----------------------------------------------------------------------------------------------------------------------
 # the model and its data
 
-def shard_model(model, mesh, device, precision="fp32", cpu_offload=False):
-    """FSDP2: each transformer block is one unit (its parameters gathered just in time), then the root (embeddings,
-    final norm, output layer). On CUDA, blocks compute in bf16 while the sharded master weights, the gradient
-    reduction and the optimizer stay fp32."""
+def sharded_model(cfg, device, mesh, precision="fp32", cpu_offload=False, grad_checkpointing=False):
+    """The LLaMA of ModelConfig cfg in training mode, built on the meta device and sharded by FSDP2, so that no
+    process holds it whole, then given uninitialized storage on `device` (build loads a checkpoint, bench.py draws
+    weights). Each block is one unit (gathered just in time), then the root (embeddings, final norm, output layer);
+    blocks compute in `precision`, while the master weights, the gradient reduction and the optimizer stay fp32."""
+    with torch.device("meta"):
+        model = LLaMA(cfg)
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None
@@ -122,18 +125,18 @@ def shard_model(model, mesh, device, precision="fp32", cpu_offload=False):
     for block in model.layers:
         fully_shard(block, **kw)
     fully_shard(model, **kw)
-    return model
+    model.to_empty(device=device)
+    model.gradient_checkpointing = grad_checkpointing
+    return model.train()
 
 
 def build(s, device, mesh, rank):
     """The sharded model of Settings s with its weights, and the training corpus."""
-    fields = hf.read_config(s.model)
-    fields["rope_scaling"] = s.rope_scaling
-    # 1) the model skeleton on the meta device: no memory, no init cost
-    with torch.device("meta"):
-        model = LLaMA(ModelConfig(**fields))
+    fields = dict(hf.read_config(s.model), rope_scaling=s.rope_scaling)
+    # 1) the sharded model: every rank holds storage for its shards only
+    model = sharded_model(ModelConfig(**fields), device, mesh, s.precision, s.cpu_offload, s.grad_checkpointing)
     # 2) the weights, read on rank 0 only (checked: shapes, NaN/inf)
-    expected = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
+    expected = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}  # whole shapes (DTensor)
     state = on_rank0(lambda: hf.read_state_dict(s.model, fields, expected, torch.float32))
     # the data: documents long enough for one example (the paper keeps documents of >= train_len tokens); rank 0
     # tokenizes raw data into the cache first, the others then read it
@@ -141,16 +144,11 @@ def build(s, device, mesh, rank):
     corpus = on_rank0(load)
     if rank != 0:
         corpus = load()
-    # 3) shard the skeleton, give every rank storage for its shards only, then broadcast the weights shard by shard
-    #    (the other ranks never hold a full copy)
-    shard_model(model, mesh, device, s.precision, s.cpu_offload)
-    model.to_empty(device=device)
+    # 3) the weights broadcast shard by shard (the other ranks never hold a full copy)
     set_model_state_dict(model, state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del state
     if model.cfg.tie_embeddings:
         assert model.lm_head.weight is model.embed_tokens.weight
-    model.gradient_checkpointing = s.grad_checkpointing
-    model.train()
     return model, corpus
 
 
@@ -191,6 +189,11 @@ def replay_windows(step, s, pool):
     return pool.input_ids[index], pool.targets[index]
 
 
+def adamw(model, s):
+    """The run's optimizer: "AdamW with its default hyperparameters" (paper 4.1), --lr (see lr_at), --weight-decay."""
+    return torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+
+
 def lr_at(step, lr, warmup, steps):
     """Linear warmup over `warmup` steps to `lr`, then linear decay towards 0 at `steps` (step counts from 0)."""
     if step < warmup:
@@ -217,8 +220,7 @@ def train(s, device, mesh):
         memory.check_fits(memory.plan_of(s), free_memory(device))
     model, corpus = build(s, device, mesh, rank)
     pool = data.ReplayPool(s.replay) if s.replay else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8)  # "AdamW with its default hyperparameters"
+    optimizer = adamw(model, s)
     if start.checkpoint:
         checkpoints.load(model, optimizer, start.checkpoint)
     # 2) the run directory and its records: args.json, and the log up to the checkpoint we start from

@@ -16,30 +16,30 @@ Sections (each prints its progress on stderr and adds rows to one table):
                tiny model and books. Its losses against the same run in fp32 on the CPU (GPU hidden); then the same
                run killed with SIGKILL after a checkpoint and resumed: log losses and final weights against the
                uninterrupted run.
-  3. memory    torch.cuda.max_memory_allocated of training steps (train.py's FSDP2 + bf16 + checkpointing setup,
-               2048 tokens) and of evaluation windows (bf16, model.loss under no_grad, 32k and 128k tokens) for
-               models with LLaMA-7B's layer shape and two layer counts; a straight line through the two gives each
-               quantity at 32 layers, compared row by row with memory.py's plan for one GPU (train.py --dry-run).
-  4. speed     tokens/s and model FLOPs utilization of a training step, PoSE (2048 tokens, positions up to 16k) vs
-               full-length (16k tokens), and our training step vs transformers' LlamaForCausalLM (sdpa) on the same
-               weights, timed alternately.
+  3. memory    `bench.py memory` at LLaMA-7B's layer shape with two layer counts: train.py's own FSDP2 model, batches
+               and optimizer steps (bf16, activation checkpointing, 2048 tokens per example), and evaluation windows
+               of 32k and 128k tokens through evaluate.perplexity. The weights, gradients and AdamW state, counted
+               tensor by tensor and read from the allocator, against memory.py's plan of the same run (train.py
+               --dry-run); the step's peak beside the plan; a straight line through the two layer counts gives each
+               quantity at 32 layers, and LLaMA-7B per GPU at 8 GPUs beside `train.py --dry-run --world 8`.
+  4. speed     `bench.py speed` at the larger layer count: tokens/s and model FLOPs utilization of train.py's optimizer
+               step, PoSE (2048 tokens, positions up to 16k) vs full-length (16k tokens), and forward + backward of
+               our model vs transformers' LlamaForCausalLM (sdpa) on the same weights, timed alternately.
   5. passkey   passkey retrieval at 16k and 32k tokens on CUDA in bf16 with the KV cache against re-reading the whole
                sequence at each step: the same answers, and the same logits within LOGITS_TOL at every answer step.
 
-Memory and speed run in fresh worker processes (this script with --worker), one per model size, so that each
-measurement starts from an empty CUDA allocator.
+Memory and speed run `python bench.py SECTION --device cuda --layers ... --json OUT/bench_SECTION.json` and turn
+its JSON into rows; bench.py measures each model size in a fresh process, so that it starts from an empty CUDA
+allocator. This script defines no model setup, batch or training step of its own.
 """
 import argparse
-import gc
 import json
 import math
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,12 +51,12 @@ import torch  # noqa: E402
 import cli  # noqa: E402
 import memory  # noqa: E402
 import passkey  # noqa: E402
-import train  # noqa: E402
 from data import Tokenizer  # noqa: E402
 from model import LLaMA, ModelConfig  # noqa: E402
 from pose import skip_positions  # noqa: E402
 
 TRAIN = os.path.join(ROOT, "train.py")
+BENCH = os.path.join(ROOT, "bench.py")
 GB = memory.GB  # decimal gigabytes, as train.py --dry-run's plan
 
 # bf16 keeps 8 significant bits (unit roundoff u = 2^-8 = 3.9e-3) and every matrix product, norm and residual add
@@ -78,13 +78,7 @@ TRAIN_COMPARE_STEPS = 8  # the first steps, where the two runs' weights have not
 # changes losses and weights by 1e-3 or more.
 RESUME_RTOL = 1e-4
 MEMORY_EXACT_RTOL = 0.02  # fp32 weights, gradients and AdamW state are bytes x parameters: nothing else may hide there
-
-# bf16 dense (no sparsity) tensor-core peaks, TFLOP/s per GPU, from NVIDIA's data sheets; the first match wins.
-PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
-               ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
-
 PLAN_WORLD = 8  # the README's setting: LLaMA-7B on 8 GPUs
-README_EVAL_GB = {32768: 13.5 + 2.2 + 0.27, 131072: 25.0}  # "Evaluation of a 7B model in bf16 on one 80 GB GPU"
 
 
 def log(message):
@@ -100,11 +94,6 @@ def rel_error(got, ref):
     """||got - ref|| / ||ref|| over all elements, in fp64."""
     got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
     return ((got - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-
-
-def synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -404,46 +393,23 @@ def train_check(device, out, model=cli.BUNDLED_MODEL, data=cli.BUNDLED_TRAIN, st
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 3./4. memory and speed at LLaMA-7B's layer shape (run in worker processes)
+# 3./4. memory and speed at LLaMA-7B's layer shape: bench.py's sections of those names, turned into rows
 
-def seven_b_config(n_layers, scaling=None, vocab=32000):
-    """LLaMA-7B's shape (dim 4096, 32 heads, SwiGLU 11008, vocab 32000, untied) with n_layers layers."""
-    return ModelConfig(vocab_size=vocab, dim=4096, n_layers=n_layers, n_heads=32, n_kv_heads=32,
-                       intermediate_size=11008, max_position_embeddings=2048, rope_scaling=scaling)
-
-
-def param_count(cfg):
-    """Parameters of a ModelConfig, by arithmetic (LLaMA-7B: 6,738,415,616)."""
-    attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    mlp = 3 * cfg.dim * cfg.intermediate_size
-    block = attn + mlp + 2 * cfg.dim
-    embeddings = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
-    return cfg.n_layers * block + embeddings + cfg.dim
+STATE = {"weights": "fp32 weights", "gradients": "fp32 gradients", "adamw": "AdamW state"}  # bytes x parameters
+ALLOCATED = dict(STATE, working="forward + backward peak above weights, gradients and AdamW state",
+                 peak="peak of the step")
 
 
-def train_flops(cfg, batch, seq_len):
-    """Model FLOPs of one training step (forward + backward, no recomputation counted): 6 x the parameters that enter
-    a matrix product (all but the input embedding, a lookup) x tokens, plus causal attention: per layer and sequence
-    QK^T and PV are 2 x 2 T^2 d in the forward pass, halved by the causal mask, times 3 for forward + backward."""
-    matmul_params = param_count(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
-    dense = 6 * matmul_params * batch * seq_len
-    attention = 6 * cfg.n_layers * batch * seq_len ** 2 * cfg.n_heads * cfg.head_dim
-    return dense + attention
-
-
-def peak_tflops(device_name, override=None):
-    """The bf16 dense peak assumed for a GPU model (TFLOP/s), or None when unknown."""
-    if override:
-        return override
-    for key, value in PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return value
-    return None
-
-
-def mfu(flops, seconds, peak):
-    """Model FLOPs utilization: achieved FLOP/s over the peak (TFLOP/s)."""
-    return None if not peak else flops / seconds / (peak * 1e12)
+def run_bench(section, out, device, layers, flags=()):
+    """`python bench.py SECTION --device DEVICE --layers ... --json OUT/bench_SECTION.json FLAGS`, which measures
+    each layer count in a fresh process (an empty CUDA allocator); returns its JSON. flags: more of bench.py's (the
+    tests' tiny sizes)."""
+    path = os.path.join(out, f"bench_{section}.json")
+    cmd = [sys.executable, BENCH, section, "--device", str(device), "--layers", *map(str, layers), "--json", path,
+           *flags]
+    run_command(cmd, dict(os.environ), f"bench.py {section}", timeout=1800)
+    with open(path) as f:
+        return json.load(f)
 
 
 def ktokens(n):
@@ -458,374 +424,111 @@ def extrapolate(points, n):
     return y2 + slope * (n - x2), slope
 
 
-class Memory:
-    """torch.cuda's allocator counters on a GPU; zeros on the CPU (where the code paths still run in tests)."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-
-    def allocated(self):
-        synchronize(self.device)
-        return torch.cuda.memory_allocated(self.device) if self.cuda else 0
-
-    def peak(self):
-        synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
-
-    def reset_peak(self):
-        if self.cuda:
-            synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+def plan_at(run, layers, world):
+    """memory.py's plan (Plan.parts, bytes) of a bench.py memory run's model and settings with `layers` layers on
+    `world` GPUs, accumulating gradients over micro-steps as the paper's recipe does (64 examples per step)."""
+    s = run["settings"]
+    cfg = ModelConfig(**dict(run["config"], n_layers=layers))
+    return memory.plan(cfg, world, s["micro_batch_size"], s["seq_len"], s["precision"], s["grad_checkpointing"]).parts()
 
 
-def fsdp_model(cfg, device, precision="bf16", std=0.02):
-    """The model as train.py builds it (train.shard_model on a meta-device skeleton: FSDP2 per block then the root,
-    fp32 master weights, compute in `precision`), with fresh weights and activation checkpointing, in a one-process
-    group (NCCL on CUDA, gloo on the CPU)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device.index or 0)  # NCCL binds to the current device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
-    with torch.device("meta"):
-        model = LLaMA(cfg)
-    train.shard_model(model, init_device_mesh(device.type, (1,)), device, precision)
-    model.to_empty(device=device)
-    torch.manual_seed(0)
-    model.init_weights(std)
-    model.gradient_checkpointing = True
-    return model.train()
-
-
-def training_batch(cfg, batch, seq_len, target, method, device, seed=0):
-    """Random tokens; PoSE positions (2 chunks, skips up to target) or plain 0..T-1 for full-length."""
-    rng = np.random.default_rng(seed)
-    tokens = torch.from_numpy(rng.integers(0, cfg.vocab_size, (batch, seq_len)))
-    if method == "pose":
-        positions = torch.from_numpy(np.stack([skip_positions(seq_len, target, 2, rng=rng) for _ in range(batch)]))
-    else:
-        positions = torch.arange(seq_len).expand(batch, seq_len)
-    targets = torch.full_like(tokens, -100)
-    targets[:, :-1] = tokens[:, 1:]
-    return tokens.to(device), targets.to(device), positions.to(device)
-
-
-def optimizer_for(model):
-    return torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-
-
-def train_step(model, optimizer, batch):
-    """One optimizer step of train.py (train.update) on one micro-batch: loss, backward, clip at 1.0, AdamW."""
-    return train.update(model, optimizer, 1e-5, [batch], 1, None, 0.0, 1.0, batch[0].device)[0]
-
-
-def measure_training(device, cfg, seq_len=2048, micro_batch=1, steps=3, precision="bf16"):
-    """Allocator readings (bytes) through `steps` training steps of train.py's setup at seq_len tokens.
-
-    weights: after the model is built; per step: at its start, after forward, after backward (gradients complete),
-    after AdamW (its state exists), after zero_grad, and the peaks of forward+backward and of the optimizer step."""
-    mem = Memory(device)
-    model = fsdp_model(cfg, device, precision)
-    optimizer = optimizer_for(model)
-    weights = mem.allocated()
-    batch = training_batch(cfg, micro_batch, seq_len, seq_len * 8, "pose", device)
-    records = []
-    for _ in range(steps):
-        mem.reset_peak()
-        start = mem.allocated()
-        loss = model.loss(*batch[:2], batch[2])
-        after_forward = mem.allocated()
-        loss.backward()
-        after_backward = mem.allocated()
-        peak_forward_backward = mem.peak()
-        mem.reset_peak()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        after_optimizer = mem.allocated()
-        optimizer.zero_grad(set_to_none=True)
-        records.append(dict(start=start, after_forward=after_forward, after_backward=after_backward,
-                            after_optimizer=after_optimizer, after_zero_grad=mem.allocated(),
-                            peak_forward_backward=peak_forward_backward, peak_optimizer=mem.peak(),
-                            loss=loss.item()))
-    params = sum(p.numel() for p in model.parameters())
-    del model, optimizer
-    return dict(layers=cfg.n_layers, params=params, weights=weights, steps=records)
-
-
-@torch.no_grad()
-def measure_eval(device, cfg, ctxs, dtype=torch.bfloat16):
-    """Peak memory (bytes) of model.loss over one window of each length in ctxs, weights in dtype, under no_grad,
-    as evaluate.py computes a window."""
-    mem = Memory(device)
-    with torch.device("meta"):
-        model = LLaMA(cfg).to(dtype)
-    model.to_empty(device=device)
-    torch.manual_seed(0)
-    model.init_weights(0.02)
-    model.eval()
-    weights = mem.allocated()
-    windows = []
-    for ctx in ctxs:
-        tokens, targets, _ = training_batch(cfg, 1, ctx, ctx, "full", device)
-        mem.reset_peak()
-        t0 = time.perf_counter()
-        try:
-            loss = model.loss(tokens, targets).item()
-            synchronize(device)
-            windows.append(dict(ctx=ctx, peak=mem.peak(), seconds=time.perf_counter() - t0, loss=loss))
-        except torch.OutOfMemoryError as e:  # a finding (the README says it fits), not a crash of the section
-            windows.append(dict(ctx=ctx, peak=None, error=str(e).splitlines()[0]))
-        del tokens, targets
-    del model
-    return dict(layers=cfg.n_layers, weights=weights, windows=windows)
-
-
-def time_steps(step, device, repeats, warmup=1):
-    """Median wall time of step() over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def speed_pose_vs_full(device, cfg, train_len=2048, target=16384, repeats=3, precision="bf16"):
-    """Seconds per optimizer step (train.py's setup) on one example: PoSE's train_len tokens with positions up to
-    target, and full-length fine-tuning on target tokens."""
-    model = fsdp_model(cfg, device, precision)
-    optimizer = optimizer_for(model)
-    out = {}
-    for method, seq_len in (("pose", train_len), ("full", target)):
-        batch = training_batch(cfg, 1, seq_len, target, method, device)
-        seconds = time_steps(lambda: train_step(model, optimizer, batch), device, repeats)
-        out[method] = dict(seq_len=seq_len, seconds=seconds, tokens_per_s=seq_len / seconds,
-                           flops=train_flops(cfg, 1, seq_len))
-        log(f"{cfg.n_layers} layers, {method} {seq_len} tokens: {seconds:.3f} s/step")
-    del model, optimizer
-    return out
-
-
-def ours_vs_transformers(device, cfg, seq_len=2048, repeats=5, dtype=torch.bfloat16, workdir=None):
-    """Forward + backward of the loss on one sequence, our LLaMA vs transformers' LlamaForCausalLM (sdpa) loaded from
-    our save_pretrained, same weights in `dtype`, no checkpointing for either, timed alternately (so that clock or
-    load changes hit both alike). Returns seconds, ratio ours / transformers and both losses (same computation)."""
-    from transformers import LlamaForCausalLM
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        ours = LLaMA(cfg).to(dtype)
-    ours.to_empty(device=device)
-    ours.init_weights(0.02)
-    ours.train()
-    tmp = tempfile.mkdtemp(dir=workdir)
-    try:
-        ours.save_pretrained(tmp, state_dict={k: v.cpu() for k, v in ours.state_dict().items()})
-        theirs = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
-        theirs = theirs.to(device=device, dtype=dtype).train()  # dtype again: transformers 4 reads torch_dtype
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    tokens, targets, _ = training_batch(cfg, 1, seq_len, seq_len, "full", device)
-    losses = {}
-
-    def step_ours():
-        loss = ours.loss(tokens, targets)
-        loss.backward()
-        ours.zero_grad(set_to_none=True)
-        losses["ours"] = loss.detach()
-
-    def step_theirs():
-        loss = theirs(input_ids=tokens, labels=tokens, use_cache=False).loss  # shifts labels itself: same targets
-        loss.backward()
-        theirs.zero_grad(set_to_none=True)
-        losses["transformers"] = loss.detach()
-
-    for _ in range(2):
-        step_ours(), step_theirs()
-    times = {"ours": [], "transformers": []}
-    for _ in range(repeats):
-        for name, fn in (("ours", step_ours), ("transformers", step_theirs)):
-            synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name].append(time.perf_counter() - t0)
-    ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["transformers"])
-    result = dict(seq_len=seq_len, ours_s=ours_s, transformers_s=theirs_s, ratio=ours_s / theirs_s,
-                  loss_ours=losses["ours"].item(), loss_transformers=losses["transformers"].item())
-    del ours, theirs
-    return result
-
-
-def release(device):
-    """Free what the previous measurement left (FSDP's hooks form reference cycles) before the next one."""
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def worker(kind, layers, out_path, device="cuda", shape=seven_b_config, train_len=2048, target=16384,
-           eval_ctxs=(32768, 131072)):
-    """One measurement in this fresh process (a clean CUDA allocator); writes JSON to out_path. shape(n_layers,
-    scaling) gives the model; the other arguments are the sizes (tests use tiny ones on the CPU)."""
-    device = torch.device(device)
-    factor = target / train_len
-    if kind == "memory":
-        # evaluation first: its plain bf16 model is freed at once, the FSDP training model needs the collector
-        eval_factor = max(eval_ctxs) / train_len
-        result = dict(eval=measure_eval(device, shape(layers, {"rope_type": "linear", "factor": eval_factor}),
-                                        list(eval_ctxs)))
-        release(device)
-        result["train"] = measure_training(device, shape(layers, {"rope_type": "linear", "factor": factor}),
-                                           seq_len=train_len)
-    else:
-        cfg = shape(layers, {"rope_type": "linear", "factor": factor})
-        result = dict(steps=speed_pose_vs_full(device, cfg, train_len, target))
-        release(device)
-        result["versus"] = ours_vs_transformers(device, cfg, train_len, workdir=os.path.dirname(out_path),
-                                                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    with open(out_path, "w") as f:
-        json.dump(result, f)
-
-
-def run_worker(kind, layers, out, timeout=600):
-    path = os.path.join(out, f"worker_{kind}_{layers}.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--layers", str(layers), "--out", path]
-    t0 = time.time()
-    log(f"{kind} worker, LLaMA-7B layer shape, {layers} layers")
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    if res.returncode:
-        raise RuntimeError(f"{kind} worker with {layers} layers failed: {res.stderr.strip()[-1500:]}")
-    log(f"{kind} worker, {layers} layers: {time.time() - t0:.0f} s")
-    with open(path) as f:
-        return json.load(f)
-
-
-def planned_train(micro_batch=1, world=1):
-    """memory.py's plan of LLaMA-7B training at 2048 tokens per example on `world` GPUs (bf16, checkpointing,
-    accumulating): what `train.py --dry-run` prints."""
-    return memory.plan(seven_b_config(32, {"rope_type": "linear", "factor": 8.0}), world, micro_batch, 2048)
-
-
-def planned_train_gb(micro_batch=1, world=1):
-    """The plan's parts in GB, by the first words of their rows, and its "peak"."""
-    plan = planned_train(micro_batch, world)
-    parts = {key: plan.part(key) / GB for key in ("fp32 master", "fp32 gradients", "AdamW", "bf16 weights gathered",
-                                                   "activations", "the loss")}
-    return dict(parts, peak=plan.peak / GB)
-
-
-def memory_rows(measured, micro_batch=1):
-    """Result rows from memory worker results at two or more layer counts: each quantity at those counts, its cost per
-    layer and the straight-line value at 32 layers, next to memory.py's plan of one GPU (train.py --dry-run)."""
-    plan = planned_train_gb(micro_batch)
-    series, oom = {}, []  # quantity -> [(layers, GB)]; windows that did not fit
-
-    def add(name, layers, value):
-        series.setdefault(name, []).append((layers, value / GB))
-
-    for m in measured:
-        t, L = m["train"], m["train"]["layers"]
-        first, steady = t["steps"][0], t["steps"][-1]
-        add("fp32 weights", L, t["weights"])
-        add("fp32 gradients", L, first["after_backward"] - first["start"])
-        add("AdamW state", L, first["after_zero_grad"] - t["weights"])
-        add("held from forward to backward", L, steady["after_forward"] - steady["start"])
-        add("peak of forward + backward", L, steady["peak_forward_backward"])
-        add("peak of the optimizer step", L, steady["peak_optimizer"])
-        add("forward + backward peak above weights, gradients and AdamW state", L, steady["peak_forward_backward"]
-            - (steady["start"] + first["after_backward"] - first["start"]))
-        for w in m["eval"]["windows"]:
-            if w["peak"] is None:
-                oom.append(row("3 memory", f"eval window of {ktokens(w['ctx'])} tokens, {m['eval']['layers']} layers",
-                               "out of memory", "fits (README)", "FAIL", **w))
-            else:
-                add(f"eval window of {ktokens(w['ctx'])} tokens, bf16: peak", m["eval"]["layers"], w["peak"])
-    sharded = plan["fp32 master"] + plan["fp32 gradients"] + plan["AdamW"]
-    references = {  # (GB, what it is): the plan's rows, and the README's evaluation figures
-        "fp32 weights": (plan["fp32 master"], "plan: fp32 master weights"),
-        "fp32 gradients": (plan["fp32 gradients"], "plan: fp32 gradients"),
-        "AdamW state": (plan["AdamW"], "plan: AdamW moments"),
-        "held from forward to backward": (plan["activations"] + plan["bf16 weights gathered"],
-                                          "plan: activations kept + gathered weights"),
-        "peak of forward + backward": (plan["peak"], "plan: peak"),
-        "peak of the optimizer step": (sharded + plan["fp32 master"], "plan: weights, gradients, AdamW, a copy"),
-        "forward + backward peak above weights, gradients and AdamW state": (
-            plan["peak"] - sharded, "plan: gathered weights, activations, loss"),
-        "eval window of 32k tokens, bf16: peak": (README_EVAL_GB[32768], "README 13.5 + 2.2 + 0.27"),
-        "eval window of 128k tokens, bf16: peak": (README_EVAL_GB[131072], "README about 25"),
-    }
-    rows, at32 = [], {}
-    params = {m["train"]["layers"]: m["train"]["params"] for m in measured}
-    for name, points in series.items():
-        if len(points) < 2:
-            continue
-        value, slope = extrapolate(points, 32)
-        at32[name] = value
-        ref, ref_name = references.get(name, (None, ""))
-        ratio = value / ref if ref else None
-        status = "info"
-        if name in ("fp32 weights", "fp32 gradients", "AdamW state"):
-            # bytes per parameter are exact: 4 for the master weights and for the gradients, 8 for the two moments
-            per_param = {"fp32 weights": 4, "fp32 gradients": 4, "AdamW state": 8}[name]
-            want = [per_param * params[layers] / GB for layers, _ in points]
-            ok = all(abs(v - w) <= MEMORY_EXACT_RTOL * w for (_, v), w in zip(points, want))
-            status = "pass" if ok else "FAIL"
-        shown = ", ".join(f"{layers} layers {v:.2f}" for layers, v in points)
-        rows.append(row("3 memory", name, f"{shown}; {slope:.3f}/layer; 32 layers {value:.1f} GB",
-                        f"{ref_name} {ref:.1f} GB, ratio {ratio:.2f}" if ref else "", status,
-                        points=points, per_layer=slope, at_32_layers=value, planned_gb=ref))
-    # the plan's per-GPU peak at 8 GPUs: FSDP divides the fp32 state by 8, the rest stays whole
-    state = at32["fp32 weights"] + at32["fp32 gradients"] + at32["AdamW state"]
-    per_gpu = max(state / PLAN_WORLD + at32["forward + backward peak above weights, gradients and AdamW state"],
-                  at32["peak of the optimizer step"] / PLAN_WORLD)
-    planned = planned_train_gb(micro_batch, PLAN_WORLD)["peak"]
-    rows.append(row("3 memory", "LLaMA-7B per GPU at 8 GPUs, from the 32-layer values (fp32 state / 8 + the rest)",
-                    f"{per_gpu:.1f} GB", f"plan (train.py --dry-run --world 8) {planned:.1f} GB, ratio "
-                    f"{per_gpu / planned:.2f}", per_gpu_gb=per_gpu, planned_gb=planned))
-    return rows + oom
-
-
-def speed_rows(result, layers, peak):
+def memory_rows(result, layers=32, world=PLAN_WORLD):
+    """Rows from bench.py memory's JSON (two or more layer counts): the weights, gradients and AdamW state counted
+    tensor by tensor, which must equal memory.py's plan to the byte; on a GPU, the same three read from the allocator
+    (within MEMORY_EXACT_RTOL), what a step adds to them and its peak (beside the plan, for information), each at
+    every layer count and on the straight line through them at `layers` (LLaMA-7B's 32), LLaMA-7B per GPU on `world`
+    GPUs, and the evaluation windows."""
+    runs = sorted(result["runs"], key=lambda r: r["layers"])
     rows = []
-    for method, r in result["steps"].items():
-        u = mfu(r["flops"], r["seconds"], peak)
-        what = "PoSE 2048 tokens, positions to 16k" if method == "pose" else "full-length 16384 tokens"
-        rows.append(row("4 speed", f"training step, {layers} layers of LLaMA-7B, bf16 FSDP2 + checkpointing: {what}",
-                        f"{r['seconds']:.3f} s, {r['tokens_per_s']:.0f} tokens/s, "
-                        f"{r['flops'] / r['seconds'] / 1e12:.0f} TFLOP/s" + (f", MFU {u:.2f}" if u else ""),
-                        f"peak {peak:g} TFLOP/s" if peak else "unknown GPU peak (--peak-tflops)",
-                        "FAIL" if u and u > 1 else "info", mfu=u, **r))
-    pose, full = result["steps"]["pose"], result["steps"]["full"]
-    rows.append(row("4 speed", "full-length 16k / PoSE 2k: time per example",
-                    f"{full['seconds'] / pose['seconds']:.1f}x", "8x tokens; attention grows with T^2"))
-    v = result["versus"]
-    loss_rel = abs(v["loss_ours"] - v["loss_transformers"]) / abs(v["loss_transformers"])
-    rows.append(row("4 speed", f"ours / transformers sdpa: forward + backward, {v['seq_len']} tokens, bf16, "
-                    f"{layers} layers, same weights", f"{v['ratio']:.2f} ({v['ours_s'] * 1e3:.0f} ms vs "
-                    f"{v['transformers_s'] * 1e3:.0f} ms)",
-                    f"losses agree: rel diff {loss_rel:.1e} <= {TRAIN_LOSS_RTOL}",
-                    "pass" if loss_rel <= TRAIN_LOSS_RTOL else "FAIL", **v))
+    for key, name in STATE.items():
+        points = [(r["layers"], r["counted"][key], r["plan"][key]) for r in runs]
+        rows.append(row("3 memory", f"{name}, counted tensor by tensor",
+                        ", ".join(f"{n} layers {counted / GB:.3f} GB" for n, counted, _ in points),
+                        "memory.py's plan, to the byte", "pass" if all(c == p for _, c, p in points) else "FAIL",
+                        points=points))
+    if runs[0]["allocated"] is None:  # the CPU: no allocator counters
+        return rows + eval_rows(runs, layers)
+    planned, at = plan_at(runs[-1], layers, 1), {}
+    for key, name in ALLOCATED.items():
+        points = [(r["layers"], r["allocated"][key] / GB) for r in runs]
+        ratios = [r["allocated"][key] / r["plan"][key] for r in runs]
+        at[key], slope = extrapolate(points, layers)
+        status = "info"
+        if key in STATE:  # 4 bytes per parameter for the weights and for the gradients, 8 for AdamW's two moments
+            status = "pass" if all(abs(q - 1) <= MEMORY_EXACT_RTOL for q in ratios) else "FAIL"
+        rows.append(row("3 memory", f"{name}, allocator",
+                        ", ".join(f"{n} layers {v:.2f}" for n, v in points) + f"; {slope:.3f}/layer; {layers} layers "
+                        f"{at[key]:.1f} GB", f"plan: ratio {', '.join(f'{q:.2f}' for q in ratios)}; {layers} layers "
+                        f"{planned[key] / GB:.1f} GB, ratio {at[key] * GB / planned[key]:.2f}", status, points=points,
+                        ratios=ratios, per_layer=slope, extrapolated=at[key], planned_gb=planned[key] / GB))
+    # per GPU of `world`: FSDP divides the fp32 state by world, the rest stays whole
+    optimizer, _ = extrapolate([(r["layers"], r["allocated"]["optimizer"] / GB) for r in runs], layers)
+    per_gpu = max((at["weights"] + at["gradients"] + at["adamw"]) / world + at["working"], optimizer / world)
+    plan_world = plan_at(runs[-1], layers, world)["peak"] / GB
+    rows.append(row("3 memory", f"LLaMA-7B per GPU at {world} GPUs, from the {layers}-layer values (fp32 state / "
+                    f"{world} + the rest)", f"{per_gpu:.1f} GB", f"plan (train.py --dry-run --world {world}) "
+                    f"{plan_world:.1f} GB, ratio {per_gpu / plan_world:.2f}", per_gpu_gb=per_gpu, planned_gb=plan_world))
+    return rows + eval_rows(runs, layers)
+
+
+def eval_rows(runs, layers):
+    """Rows of the evaluation windows: a window that ran out of memory fails; the peaks are reported, with the
+    straight-line value at `layers` and the weights' share of it."""
+    rows = []
+    for ctx in sorted({w["ctx"] for r in runs for w in r["eval"]}):
+        windows = [(r["layers"], w) for r in runs for w in r["eval"] if w["ctx"] == ctx]
+        what = f"eval window of {ktokens(ctx)} tokens, {windows[0][1]['dtype']}"
+        rows += [row("3 memory", f"{what}, {n} layers", "out of memory", "fits", "FAIL", **w)
+                 for n, w in windows if "error" in w]
+        measured = [(n, w) for n, w in windows if w["peak"] is not None]
+        if len(measured) >= 2:
+            points = [(n, w["peak"] / GB) for n, w in measured]
+            value, slope = extrapolate(points, layers)
+            weights, _ = extrapolate([(n, w["weights"] / GB) for n, w in measured], layers)
+            rows.append(row("3 memory", f"{what}: peak", ", ".join(f"{n} layers {v:.2f}" for n, v in points)
+                            + f"; {slope:.3f}/layer; {layers} layers {value:.1f} GB",
+                            f"of which the weights: {weights:.1f} GB", points=points, extrapolated=value))
     return rows
 
 
-def section_memory(out, layer_counts):
-    measured = [run_worker("memory", n, out) for n in layer_counts]
-    return memory_rows(measured), measured
+def speed_rows(result):
+    """Rows from bench.py speed's JSON: each training step's time, tokens/s and MFU (above 1 is impossible: a FLOP
+    count or timing mistake), full-length / PoSE, and ours vs transformers (their losses must agree)."""
+    peak, rows = result["peak_tflops"], []
+    for r in result["runs"]:
+        setup = f"{r['precision']} FSDP2" + (" + checkpointing" if r["grad_checkpointing"] else "")
+        for method, m in r["steps"].items():
+            what = f"PoSE {ktokens(m['seq_len'])} tokens, positions to {ktokens(r['target'])}" if method == "pose" \
+                else f"full-length {ktokens(m['seq_len'])} tokens"
+            u = m["mfu"]
+            rows.append(row("4 speed", f"train.py's optimizer step, {r['layers']} layers of LLaMA-7B, {setup}: {what}",
+                            f"{m['seconds']:.3f} s, {m['tokens_per_s']:.0f} tokens/s, "
+                            f"{m['flops'] / m['seconds'] / 1e12:.0f} TFLOP/s" + (f", MFU {u:.2f}" if u else ""),
+                            f"peak {peak:g} TFLOP/s" if peak else "unknown GPU peak (--peak-tflops)",
+                            "FAIL" if u and u > 1 else "info", **m))
+        pose, full = r["steps"]["pose"], r["steps"]["full"]
+        rows.append(row("4 speed", f"full-length {ktokens(full['seq_len'])} / PoSE {ktokens(pose['seq_len'])}: time "
+                        "per example", f"{full['seconds'] / pose['seconds']:.1f}x",
+                        f"{full['seq_len'] // pose['seq_len']}x tokens; attention grows with T^2"))
+        v = r["versus"]
+        loss_rel = abs(v["loss_ours"] - v["loss_transformers"]) / abs(v["loss_transformers"])
+        rows.append(row("4 speed", f"ours / transformers sdpa: forward + backward, {v['seq_len']} tokens, "
+                        f"{v['dtype']}, {r['layers']} layers, same weights", f"{v['ratio']:.2f} "
+                        f"({v['ours_s'] * 1e3:.0f} ms vs {v['transformers_s'] * 1e3:.0f} ms)",
+                        f"losses agree: rel diff {loss_rel:.1e} <= {TRAIN_LOSS_RTOL}",
+                        "pass" if loss_rel <= TRAIN_LOSS_RTOL else "FAIL", **v))
+    return rows
 
 
-def section_speed(out, layers, peak_override):
-    result = run_worker("speed", layers, out)
-    peak = peak_tflops(result["device"], peak_override)
-    return speed_rows(result, layers, peak), result
+def section_memory(out, layer_counts, device="cuda", flags=()):
+    result = run_bench("memory", out, device, layer_counts, flags)
+    return memory_rows(result), result
+
+
+def section_speed(out, layers, peak_tflops=None, device="cuda", flags=()):
+    flags = [*flags, *(["--peak-tflops", str(peak_tflops)] if peak_tflops else [])]
+    result = run_bench("speed", out, device, [layers], flags)
+    return speed_rows(result), result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -970,19 +673,16 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, nargs="+", default=[4, 8],
                    help="layer counts of the LLaMA-7B-shaped models for memory (two or more) and speed (the largest)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run these sections only")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 dense peak, if not in the list")
-    p.add_argument("--worker", choices=("memory", "speed"), help=argparse.SUPPRESS)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's bf16 dense peak, if not in bench.py's PEAK_TFLOPS")
     args = p.parse_args(argv)
-    if not args.worker and "memory" in args.only and len(set(args.layers)) < 2:
+    if "memory" in args.only and len(set(args.layers)) < 2:
         p.error("--layers needs two different layer counts (a straight line through them gives 32 layers)")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.worker:
-        worker(args.worker, args.layers[0], args.out)
-        return 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device on this machine; nothing checked (run it on a machine with a GPU)")
         return 0

@@ -1,9 +1,9 @@
 """scripts/gpu_check.py's checks on the CPU at tiny sizes: the same functions the GPU run calls, with a device argument.
 
 Each test asserts what the check decides (pass on a correct path, fail on a broken one), not only that it runs."""
+import dataclasses
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -20,22 +20,14 @@ spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
 check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(check)
 
-from model import KVCache  # noqa: E402
+import memory  # noqa: E402
+from model import KVCache, ModelConfig  # noqa: E402
 
 LLAMA_7B_PARAMS = 6_738_415_616  # Meta's LLaMA-7B / Llama-2-7B checkpoints
 
 
 def tiny_cfg(scaling=None, window=64, vocab=512, n_layers=2):
     return check.logits_config(scaling, vocab=vocab, dim=128, n_layers=n_layers, n_heads=4, n_kv_heads=2, window=window)
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """FSDP2 needs a process group: a one-process gloo group, removed afterwards."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_without_cuda_one_line_and_exit_0(tmp_path):
@@ -224,131 +216,95 @@ def test_train_check_end_to_end_on_cpu(tmp_path, tiny_model_dir, text_corpus):
     assert 0 < rows[1]["data"]["max_rel"] < check.TRAIN_LOSS_RTOL  # bf16 vs fp32: different, close
 
 
-# 3. memory arithmetic and the FSDP2 measurement path
+# 3./4. memory and speed: bench.py's sections, their JSON turned into rows
 
-def test_param_count_is_llama_7b():
-    assert check.param_count(check.seven_b_config(32)) == LLAMA_7B_PARAMS
-    cfg = tiny_cfg()
-    from model import LLaMA
-    with torch.device("meta"):
-        assert check.param_count(cfg) == sum(p.numel() for p in LLaMA(cfg).parameters())
+TINY_BENCH = ["--train-len", "32", "--target", "128", "--eval-ctx", "64", "--repeats", "1", "--warmup", "0",
+              "--threads", "1", "--shape", json.dumps({"dim": 64, "n_heads": 4, "n_kv_heads": 2,
+                                                       "intermediate_size": 128, "vocab_size": 4096})]
 
 
-def test_extrapolate_and_the_plan_it_is_compared_with():
-    assert check.extrapolate([(4, 10.0), (8, 18.0)], 32) == (66.0, 2.0)
-    one, eight = check.planned_train_gb(world=1), check.planned_train_gb(world=8)
-    assert one["fp32 master"] == pytest.approx(4 * LLAMA_7B_PARAMS / 1e9) and one["AdamW"] == pytest.approx(
-        8 * LLAMA_7B_PARAMS / 1e9, rel=1e-6)
-    assert one["bf16 weights gathered"] == eight["bf16 weights gathered"]  # every GPU gathers them whole
-    assert eight["peak"] == pytest.approx(17.1, abs=0.05)  # README, "At scale": train.py --dry-run --world 8
-    assert check.planned_train_gb(micro_batch=4)["activations"] == pytest.approx(4 * one["activations"])
+def test_gpu_check_has_no_training_code_of_its_own():
+    """gpu_check has no FSDP wrapping, optimizer, training step or batch of its own: bench.py runs train.py's."""
+    source = open(SCRIPT).read()
+    for name in ("import train", "fully_shard", "shard_model", "torch.optim", ".backward(", "batch_for", "update("):
+        assert name not in source, name
 
 
-def synthetic_measurement(layers, grad_bytes=4, activation_per_layer=2048 * 4096 * 2):
-    """Allocator readings as an exact FSDP2 run would give them (weights 4 B, gradients 4 B, AdamW 8 B per
-    parameter; one bf16 block input kept per layer; a fixed 1 GB root + loss)."""
-    n = check.param_count(check.seven_b_config(layers))
-    w, g, a = 4 * n, grad_bytes * n, 8 * n
-    held = layers * activation_per_layer + 1e9
-    step = dict(start=w + a, after_forward=w + a + held, after_backward=w + a + g, after_optimizer=w + a + g,
-                after_zero_grad=w + a, peak_forward_backward=w + a + g + held + 0.5e9, peak_optimizer=w + a + g + 4 * n)
-    first = dict(step, start=w, after_forward=w + held, after_backward=w + g, after_zero_grad=w + a)
-    windows = [dict(ctx=c, peak=2 * n + c * 11008 * 6) for c in (32768, 131072)]
-    return dict(train=dict(layers=layers, params=n, weights=w, steps=[first, step, step]),
-                eval=dict(layers=layers, weights=2 * n, windows=windows))
+def test_memory_section_runs_bench_py(tmp_path):
+    """The section as the GPU run calls it, on the CPU at tiny sizes: bench.py in a subprocess, its JSON kept in
+    OUT/bench_memory.json, rows from it. The CPU has no allocator counters: the rows are the counted ones."""
+    rows, result = check.section_memory(str(tmp_path), [1, 2], device="cpu", flags=TINY_BENCH)
+    assert [r["check"] for r in rows] == [f"{name}, counted tensor by tensor" for name in check.STATE.values()]
+    assert [r["status"] for r in rows] == ["pass"] * 3 and (tmp_path / "bench_memory.json").exists()
+    assert [r["layers"] for r in result["runs"]] == [1, 2]
+
+
+def test_speed_section_runs_bench_py(tmp_path):
+    rows, result = check.section_speed(str(tmp_path), 2, peak_tflops=1.0, device="cpu", flags=TINY_BENCH)
+    assert [r["status"] for r in rows] == ["info", "info", "info", "pass"], rows  # the same loss as transformers
+    assert result["peak_tflops"] == 1.0 and 0 < rows[0]["data"]["mfu"] < 1
+
+
+def bench_memory_run(layers, gradient_bytes=4, working_per_layer=2048 * 4096 * 2):
+    """One run of bench.py memory's JSON at LLaMA-7B's layer shape as an exact FSDP2 run on a GPU gives it: the
+    plan's weights and AdamW state, gradients of `gradient_bytes` per parameter, a step's working memory of one bf16
+    block input per layer and a fixed 1 GB, and the optimizer step's peak one parameter-sized temporary above it all."""
+    settings = dict(method="pose", train_len=2048, target=16384, seq_len=2048, batch_size=2, micro_batch_size=1,
+                    precision="bf16", grad_checkpointing=True)
+    run = dict(layers=layers, config=dataclasses.asdict(ModelConfig(n_layers=layers)), settings=settings)
+    plan = check.plan_at(run, layers, 1)
+    n = memory.plan(ModelConfig(n_layers=layers)).params
+    counted = {key: plan[key] for key in check.STATE}
+    state = plan["weights"] + plan["adamw"] + gradient_bytes * n
+    working = layers * working_per_layer + 1e9
+    allocated = dict(counted, gradients=gradient_bytes * n, working=working, forward_backward=state + working,
+                     optimizer=state + 4 * n, peak=max(state + working, state + 4 * n))
+    windows = [dict(ctx=c, dtype="bfloat16", weights=2 * n, peak=2 * n + c * 11008 * 6) for c in (32768, 131072)]
+    return dict(run, params=n, plan=plan, counted=counted, allocated=allocated, eval=windows)
 
 
 def test_memory_rows_scale_to_32_layers():
-    rows = {r["check"]: r for r in check.memory_rows([synthetic_measurement(4), synthetic_measurement(8)])}
-    assert rows["fp32 weights"]["status"] == rows["fp32 gradients"]["status"] == rows["AdamW state"]["status"] == "pass"
-    assert rows["fp32 weights"]["data"]["at_32_layers"] == pytest.approx(4 * LLAMA_7B_PARAMS / 1e9)
-    assert rows["AdamW state"]["data"]["at_32_layers"] == pytest.approx(8 * LLAMA_7B_PARAMS / 1e9)
-    held = rows["held from forward to backward"]["data"]
-    assert held["per_layer"] == pytest.approx(2048 * 4096 * 2 / 1e9) and held["at_32_layers"] == pytest.approx(
+    assert check.extrapolate([(4, 10.0), (8, 18.0)], 32) == (66.0, 2.0)
+    rows = {r["check"]: r for r in check.memory_rows(dict(runs=[bench_memory_run(4), bench_memory_run(8)]))}
+    for name in check.STATE.values():
+        assert rows[f"{name}, counted tensor by tensor"]["status"] == rows[f"{name}, allocator"]["status"] == "pass"
+    assert rows["fp32 weights, allocator"]["data"]["extrapolated"] == pytest.approx(4 * LLAMA_7B_PARAMS / 1e9)
+    assert rows["AdamW state, allocator"]["data"]["extrapolated"] == pytest.approx(8 * LLAMA_7B_PARAMS / 1e9, rel=1e-6)
+    working = rows[check.ALLOCATED["working"] + ", allocator"]["data"]
+    assert working["per_layer"] == pytest.approx(2048 * 4096 * 2 / 1e9) and working["extrapolated"] == pytest.approx(
         32 * 2048 * 4096 * 2 / 1e9 + 1.0)
-    assert rows["eval window of 32k tokens, bf16: peak"]["data"]["at_32_layers"] == pytest.approx(
+    assert rows["eval window of 32k tokens, bfloat16: peak"]["data"]["extrapolated"] == pytest.approx(
         (2 * LLAMA_7B_PARAMS + 32768 * 11008 * 6) / 1e9)
-    per_gpu = [r for c, r in rows.items() if c.startswith("LLaMA-7B per GPU")][0]["data"]["per_gpu_gb"]
-    forward_backward = 16 * LLAMA_7B_PARAMS / 8 / 1e9 + 0.5 + 32 * 2048 * 4096 * 2 / 1e9 + 1.0
+    per_gpu = [r for c, r in rows.items() if c.startswith("LLaMA-7B per GPU at 8 GPUs")][0]["data"]
+    forward_backward = 16 * LLAMA_7B_PARAMS / 8 / 1e9 + 32 * 2048 * 4096 * 2 / 1e9 + 1.0
     optimizer = 20 * LLAMA_7B_PARAMS / 8 / 1e9  # weights, gradients, moments and one parameter-sized temporary
-    assert per_gpu == pytest.approx(max(forward_backward, optimizer))
-    # a copy too many (bf16 gradients kept beside fp32 ones, 6 B per parameter) is a failed check
-    bad = {r["check"]: r for r in check.memory_rows([synthetic_measurement(4, 6), synthetic_measurement(8, 6)])}
-    assert bad["fp32 gradients"]["status"] == "FAIL"
-    # an evaluation window that ran out of memory is a failed row of its own; the other rows still come
-    oom = synthetic_measurement(8)
-    oom["eval"]["windows"][1] = dict(ctx=131072, peak=None, error="CUDA out of memory")
-    rows = check.memory_rows([synthetic_measurement(4), oom])
+    assert per_gpu["per_gpu_gb"] == pytest.approx(max(forward_backward, optimizer), rel=1e-6)
+    assert per_gpu["planned_gb"] == pytest.approx(memory.plan(ModelConfig(), world=8).peak / 1e9)  # --dry-run --world 8
+    # a copy too many (bf16 gradients kept beside the fp32 ones: 6 B per parameter) is a failed check
+    bad = {r["check"]: r for r in check.memory_rows(dict(runs=[bench_memory_run(4, 6), bench_memory_run(8, 6)]))}
+    assert bad["fp32 gradients, allocator"]["status"] == "FAIL"
+    # counted bytes that are not the plan's, and an evaluation window that ran out of memory: failed rows; the
+    # other rows still come
+    broken = [bench_memory_run(4), bench_memory_run(8)]
+    broken[1]["counted"]["adamw"] += 4
+    broken[1]["eval"][1] = dict(ctx=131072, dtype="bfloat16", weights=1, peak=None, error="CUDA out of memory")
+    rows = check.memory_rows(dict(runs=broken))
+    assert [r["status"] for r in rows if r["check"].startswith("AdamW state")] == ["FAIL", "pass"]
     assert [r["status"] for r in rows if "128k" in r["check"]] == ["FAIL"]
-    assert any(r["check"] == "eval window of 32k tokens, bf16: peak" for r in rows)
-
-
-def test_measure_training_and_speed_run_fsdp2_on_cpu(process_group, one_thread):
-    cfg = tiny_cfg({"rope_type": "linear", "factor": 8.0})
-    m = check.measure_training("cpu", cfg, seq_len=64, micro_batch=2, steps=2)
-    assert m["params"] == check.param_count(cfg) and len(m["steps"]) == 2
-    assert all(math.isfinite(s["loss"]) for s in m["steps"]) and m["steps"][1]["loss"] != m["steps"][0]["loss"]
-    s = check.speed_pose_vs_full("cpu", cfg, train_len=32, target=128, repeats=1)
-    assert s["pose"]["seq_len"] == 32 and s["full"]["seq_len"] == 128
-    assert s["full"]["flops"] == check.train_flops(cfg, 1, 128) and s["pose"]["seconds"] > 0
-    e = check.measure_eval("cpu", cfg, [128, 256])
-    assert [w["ctx"] for w in e["windows"]] == [128, 256] and all(math.isfinite(w["loss"]) for w in e["windows"])
-
-
-def tiny_shape(n_layers, scaling):
-    return check.logits_config(scaling, vocab=256, dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, window=32)
-
-
-def test_workers_results_feed_the_tables(tmp_path, process_group, one_thread):
-    """The worker processes' JSON (here on the CPU, tiny sizes) has what memory_rows and speed_rows read."""
-    sizes = dict(device="cpu", shape=tiny_shape, train_len=32, target=128, eval_ctxs=(64, 128))
-    measured = []
-    for layers in (1, 2):
-        check.worker("memory", layers, str(tmp_path / f"m{layers}.json"), **sizes)
-        measured.append(json.load(open(tmp_path / f"m{layers}.json")))
-    assert measured[1]["train"]["params"] == check.param_count(tiny_shape(2, None))
-    rows = check.memory_rows(measured)
-    assert len(rows) == 10 and rows[0]["check"] == "fp32 weights"  # the CPU has no allocator counters: all zeros
-    check.worker("speed", 2, str(tmp_path / "s.json"), **sizes)
-    result = json.load(open(tmp_path / "s.json"))
-    rows = check.speed_rows(result, 2, check.peak_tflops(result["device"], 1.0))
-    assert [r["status"] for r in rows] == ["info", "info", "info", "pass"], rows  # same loss as transformers
-
-
-# 4. throughput arithmetic and the transformers comparison
-
-def test_flops_and_mfu_arithmetic():
-    cfg = check.seven_b_config(32)
-    dense = 6 * (LLAMA_7B_PARAMS - 32000 * 4096) * 2048
-    attention = 6 * 32 * 2048 ** 2 * 4096  # causal: half of the 12 L T^2 d of a full attention matrix
-    assert check.train_flops(cfg, 1, 2048) == dense + attention
-    assert check.train_flops(cfg, 8, 2048) == 8 * check.train_flops(cfg, 1, 2048)
-    assert check.train_flops(cfg, 1, 16384) > 8 * check.train_flops(cfg, 1, 2048)  # attention grows with T^2
-    assert check.mfu(989e12, 2.0, 989.0) == pytest.approx(0.5) and check.mfu(1.0, 1.0, None) is None
-    assert check.peak_tflops("NVIDIA H100 80GB HBM3") == 989 and check.peak_tflops("NVIDIA H100 PCIe") == 756
-    assert check.peak_tflops("NVIDIA H200") == 989 and check.peak_tflops("Some GPU") is None
-    assert check.peak_tflops("Some GPU", 123.0) == 123.0
+    assert any(r["check"] == "eval window of 32k tokens, bfloat16: peak" for r in rows)
 
 
 def test_speed_rows_flag_impossible_mfu():
-    step = dict(seq_len=2048, seconds=1.0, tokens_per_s=2048.0, flops=2e15)
-    result = dict(steps=dict(pose=step, full=dict(step, seq_len=16384, seconds=9.0)),
-                  versus=dict(seq_len=2048, ours_s=1.0, transformers_s=1.1, ratio=1 / 1.1, loss_ours=10.0,
-                              loss_transformers=10.01))
-    rows = check.speed_rows(result, 8, 989.0)
+    step = dict(seq_len=2048, seconds=1.0, tokens_per_s=2048.0, flops=2e15, mfu=2e15 / 989e12)
+    run = dict(layers=8, target=16384, precision="bf16", grad_checkpointing=True,
+               steps=dict(pose=step, full=dict(step, seq_len=16384, seconds=9.0, mfu=2e15 / 9.0 / 989e12)),
+               versus=dict(seq_len=2048, dtype="bfloat16", ours_s=1.0, transformers_s=1.1, ratio=1 / 1.1,
+                           loss_ours=10.0, loss_transformers=10.01))
+    rows = check.speed_rows(dict(peak_tflops=989.0, runs=[run]))
     assert rows[0]["status"] == "FAIL"  # 2 PFLOP in one second is more than the GPU can do: wrong accounting
-    assert rows[1]["data"]["mfu"] == pytest.approx(2e15 / 9.0 / 989e12) and rows[1]["status"] == "info"
-    assert rows[3]["status"] == "pass"
-    result["versus"]["loss_transformers"] = 11.0  # the two models did not compute the same thing
-    assert check.speed_rows(result, 8, 989.0)[3]["status"] == "FAIL"
-
-
-def test_ours_vs_transformers_same_weights_same_loss(tmp_path, one_thread):
-    pytest.importorskip("transformers")
-    r = check.ours_vs_transformers("cpu", tiny_cfg(vocab=256), seq_len=64, repeats=1, dtype=torch.float32,
-                                workdir=str(tmp_path))
-    assert r["loss_ours"] == pytest.approx(r["loss_transformers"], rel=1e-5)
-    assert r["ratio"] > 0 and not os.listdir(tmp_path)  # the temporary checkpoint is gone
+    assert rows[1]["status"] == "info" and rows[2]["value"] == "9.0x" and rows[3]["status"] == "pass"
+    run["versus"]["loss_transformers"] = 11.0  # the two models did not compute the same thing
+    assert check.speed_rows(dict(peak_tflops=989.0, runs=[run]))[3]["status"] == "FAIL"
 
 
 # 5. passkey: KV cache vs re-reading
