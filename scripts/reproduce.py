@@ -25,8 +25,8 @@ finished row-seed, OUT/results.json (settings, git commit, per-seed numbers, pas
 OUT/results.md with the plots (ppl.png, passkey.png, passkey_depth.png) are rewritten, pending rows marked so.
 
 --publish computes nothing: it copies the results of the rows printed (--rows, default all) to results/toy/, and
-only when OUT was run with the design's settings (not --quick) and every printed row has all its design seeds (0-2) there (seeds 3-4 of the main trio, DESIGN.md section 15, join when computed);
-otherwise it is an error and results/ is untouched. Design v2 publishes into results/toy/v2/; results/toy/*.json|md
+only when OUT was run with the design's settings (not --quick) and every printed row has its design seeds 0-2 there
+(seeds 3-4 of the main trio, DESIGN.md section 15, join when computed); otherwise it is an error and results/ is untouched. Design v2 publishes into results/toy/v2/; results/toy/*.json|md
 are v1's (no recall; the token-matched row at replay weight 2/3), kept until v2 has every row. Nothing else ever writes under results/.
 
 --quick: every row (optional ones included), seed 0, 10 steps of 8 method examples + 2 replay windows (the
@@ -416,8 +416,8 @@ def collect(out, settings, slugs):
                                                                    if k not in ("settings", "row", "label")}
         entry = {"label": row.label, "train_args": list(row.train) if row.train else None,
                  "rope": row.rope or "checkpoint", "optional": row.optional,
-                 "seeds_expected": expected, "seeds_required": required_seeds(row, settings), "seeds_done": [s for s in expected
-                                                           if ("base" if s is None else str(s)) in per_seed],
+                 "seeds_expected": expected, "seeds_required": required_seeds(row, settings),
+                 "seeds_done": [s for s in expected if ("base" if s is None else str(s)) in per_seed],
                  "per_seed": per_seed}
         if per_seed:
             summary = {}
