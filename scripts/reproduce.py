@@ -9,12 +9,12 @@
 What it computes (DESIGN.md sections 5-9 and 12). Every fine-tuned row is `python train.py` from assets/tiny with
 the row's arguments, the recipe (target 2048, 100 steps x 16 examples, lr 2e-4, 10 warmup steps), the replay
 stream (--replay assets/replay/passkey-256.npz --replay-batch 4 --replay-weight 0.2: the same windows, and the same
-weight, in every row of a seed), --seed 0, 1 and 2, checkpoints every 25 steps. The rows without training evaluate the base with a rotary scaling. Every
-model is evaluated by the functions, not the CLIs, on one thread: evaluate.perplexity on the 6 held-out plays (first
-4096 tokens each, stride 128) at 256, 512, 1024 and 2048 tokens, and passkey.run_passkey with 100 trials per length,
-seed 0 (the same prompts for every model; each trial's key depth is kept), and recall.py's passkey at fixed
-distances 64 .. 1536 (50 trials each) and copy recall (DESIGN.md section 14, design v2). Each fine-tuned run also gets its
-answer-target census (scripts/census.py): what retrieval practice the method's examples and the replay windows hold.
+weight, in every row of a seed), --seed 0, 1 and 2 (and 3, 4 for the main trio: section 15), checkpoints every 25
+steps. The rows without training evaluate the base with a rotary scaling. Every model is evaluated by the functions,
+not the CLIs, on one thread: evaluate.perplexity on the 6 held-out plays (first 4096 tokens each, stride 128) at 256,
+512, 1024 and 2048 tokens, and passkey.run_passkey with 100 trials per length, seed 0 (the same prompts for every
+model; each trial's key depth is kept), and recall.py's passkey at fixed distances 64 .. 1536 (50 trials each) and
+copy recall (DESIGN.md section 14, design v2). Each fine-tuned run also gets its answer-target census (scripts/census.py): what retrieval practice the method's examples and the replay windows hold.
 Two row-seeds run side by side (--jobs), each in its own process on one thread (--threads): on 2 shared cores a
 second torch thread per process mostly waits (10x slower steps were measured next to another 2-thread run).
 
@@ -26,8 +26,9 @@ OUT/results.md with the plots (ppl.png, passkey.png, passkey_depth.png) are rewr
 
 --publish computes nothing: it copies the results of the rows printed (--rows, default all) to results/toy/, and
 only when OUT was run with the design's settings (not --quick) and every printed row has its design seeds 0-2 there
-(seeds 3-4 of the main trio, DESIGN.md section 15, join when computed); otherwise it is an error and results/ is untouched. Design v2 publishes into results/toy/v2/; results/toy/*.json|md
-are v1's (no recall; the token-matched row at replay weight 2/3), kept until v2 has every row. Nothing else ever writes under results/.
+(seeds 3-4 of the main trio, DESIGN.md section 15, join when computed); otherwise it is an error and results/ is
+untouched. Design v2 publishes into results/toy/v2/; results/toy/*.json|md are v1's (no recall; the token-matched row
+at replay weight 2/3), kept until v2 has every row. Nothing else ever writes under results/.
 
 --quick: every row (optional ones included), seed 0, 10 steps of 8 method examples + 2 replay windows (the
 token-matched Full-length: 1 example), warmup 2, perplexity on 1 play (first 2048 tokens), 5 passkey trials per
