@@ -14,7 +14,8 @@ steps. The rows without training evaluate the base with a rotary scaling. Every 
 not the CLIs, on one thread: evaluate.perplexity on the 6 held-out plays (first 4096 tokens each, stride 128) at 256,
 512, 1024 and 2048 tokens, and passkey.run_passkey with 100 trials per length, seed 0 (the same prompts for every
 model; each trial's key depth is kept), and recall.py's passkey at fixed distances 64 .. 1536 (50 trials each) and
-copy recall (DESIGN.md section 14, design v2). Each fine-tuned run also gets its answer-target census (scripts/census.py): what retrieval practice the method's examples and the replay windows hold.
+copy recall (DESIGN.md section 14, design v2). Each fine-tuned run also gets its answer-target census
+(scripts/census.py): what retrieval practice the method's examples and the replay windows hold.
 Two row-seeds run side by side (--jobs), each in its own process on one thread (--threads): on 2 shared cores a
 second torch thread per process mostly waits (10x slower steps were measured next to another 2-thread run).
 
