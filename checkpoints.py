@@ -4,6 +4,7 @@ Hugging Face format.
     step, path = checkpoints.latest(out)               # (0, None) when there is none
     checkpoints.save(model, optimizer, out, step, keep, rank)
     checkpoints.load(model, optimizer, path)
+    checkpoints.load_weights(model, path)              # one process, an unsharded model: evaluate a step
     checkpoints.export(model, out, target, base, export_dtype, rank)
     checkpoints.delete(out)
 
@@ -14,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -69,15 +71,28 @@ def load(model, optimizer, path):
     """The model's and the optimizer's state from checkpoint `path`, into the (sharded) objects given."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
+    read(state, path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def load_weights(model, path):
+    """The weights of checkpoint `path` into an unsharded model, in one process (no process group, the optimizer's
+    state not read): an intermediate step evaluated as the final export is (scripts/reproduce.py's step rows)."""
+    read({"model": model.state_dict()}, path, no_dist=True)  # the model's own tensors: DCP loads into them in place
+
+
+def read(state, path, **kw):
+    """dcp.load of `state` from `path`, every failure as one CheckpointError line."""
     logging.disable(logging.CRITICAL)  # DCP logs tracebacks of what it tries first; we report one line instead
     try:
-        dcp.load(state, checkpoint_id=path)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process, as meant
+            dcp.load(state, checkpoint_id=path, **kw)
     except (Exception, dcp.api.CheckpointException) as e:  # the latter is a BaseException
         reason = ([line for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]
         raise hf.CheckpointError(f"{path}: cannot load checkpoint ({reason.strip()[:300]})") from None
     finally:
         logging.disable(logging.NOTSET)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def export(model, out, target, base, export_dtype, rank):

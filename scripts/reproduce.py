@@ -14,7 +14,10 @@ steps. The rows without training evaluate the base with a rotary scaling. Every 
 not the CLIs, on one thread: evaluate.perplexity on the 6 held-out plays (first 4096 tokens each, stride 128) at 256,
 512, 1024 and 2048 tokens, and passkey.run_passkey with 100 trials per length, seed 0 (the same prompts for every
 model; each trial's key depth is kept), and recall.py's passkey at fixed distances 64 .. 1536 (50 trials each) and
-copy recall (DESIGN.md section 14, design v2). Each fine-tuned run also gets its answer-target census
+copy recall (DESIGN.md section 14, design v2). The long rows (section 15: linear at 1000 steps) keep a checkpoint
+every 50 steps and are also evaluated at steps 100, 250 and 500, each from its checkpoint (checkpoints.load_weights,
+the weights rounded to the export's dtype, as the final model is read). Each fine-tuned run also gets its
+answer-target census
 (scripts/census.py): what retrieval practice the method's examples and the replay windows hold.
 Two row-seeds run side by side (--jobs), each in its own process on one thread (--threads): on 2 shared cores a
 second torch thread per process mostly waits (10x slower steps were measured next to another 2-thread run).
@@ -78,10 +81,12 @@ class Row(NamedTuple):
     rope: str = None  # rotary scaling the base is evaluated with (rows without training)
     optional: bool = False
     extra_seeds: tuple = ()  # seeds beyond the design's 0-2 (DESIGN.md section 15); design runs only
+    long: bool = False  # 10x the recipe's steps, also evaluated at 1x, 2.5x and 5x of them (section 15)
 
 
 EXTRA = (3, 4)  # DESIGN.md section 15: the main trio's seeds 3 and 4
 TOKEN_MATCHED = "{token_matched}"  # the batch that gives Full-length PoSE's method tokens per step
+LONG = 10  # a long row's steps, in recipe steps (the paper's 1000 for the design's 100)
 ROWS = (  # DESIGN section 7, in the order they run: no training first, then the main table, then the rest
     Row("original", "Original", rope="none"),
     Row("pi-only", "PI-only (linear)", rope="linear:8"),
@@ -109,6 +114,12 @@ ROWS = (  # DESIGN section 7, in the order they run: no training first, then the
     Row("direct", "Direct fine-tuning (PI paper)", ("--method", "full", "--rope", "none")),
     Row("full-linear", "Full-length, linear", ("--method", "full", "--rope", "linear"), optional=True),
     Row("full-ntk", "Full-length, NTK", ("--method", "full", "--rope", "ntk"), optional=True),
+    Row("pose-linear-1k", "PoSE, linear, 1000 steps", ("--method", "pose", "--rope", "linear"), long=True),
+    Row("pi-linear-1k", "PI fine-tuned, no skips, linear, 1000 steps", ("--method", "pi", "--rope", "linear"),
+        long=True),
+    Row("full-token-linear-1k", "Full-length, token-matched, linear, 1000 steps",
+        ("--method", "full", "--rope", "linear", "--batch-size", TOKEN_MATCHED, "--micro-batch-size", TOKEN_MATCHED),
+        long=True),
 )
 ROW = {r.slug: r for r in ROWS}
 
@@ -183,12 +194,22 @@ def row_train_args(row, settings, seed, root=None):
     as the settings give them, relative to the repository)."""
     own = [a.replace(TOKEN_MATCHED, str(settings["token_matched_batch"])) for a in row.train]
     path = (lambda p: os.path.join(root, p)) if root else (lambda p: p)
+    steps, save_every = settings["steps"], settings["save_every"]
+    if row.long:  # every evaluated step's checkpoint kept (evaluate_steps deletes them)
+        steps, save_every = LONG * steps, settings["steps"] // 2
+        own += ["--keep", str(LONG * 2)]
     return ["--model", path(settings["base"]), "--data", path(settings["train_data"]), "--recipe", "tiny",
             "--target", str(settings["target"]), "--train-len", str(settings["train_len"]),
-            "--steps", str(settings["steps"]), "--batch-size", str(settings["batch_size"]), "--lr", str(settings["lr"]),
+            "--steps", str(steps), "--batch-size", str(settings["batch_size"]), "--lr", str(settings["lr"]),
             "--warmup", str(settings["warmup"]), "--seed", str(seed), "--replay", path(settings["replay"]),
             "--replay-batch", str(settings["replay_batch"]), "--replay-weight", str(settings["replay_weight"]),
-            "--save-every", str(settings["save_every"]), *own]
+            "--save-every", str(save_every), *own]
+
+
+def step_evals(row, settings):
+    """The intermediate steps a long row is also evaluated at: 100, 250 and 500 of 1000 (DESIGN.md section 15)."""
+    n = settings["steps"]
+    return [n, 5 * n // 2, 5 * n] if row.long else []
 
 
 def seeds_of(row, settings):
@@ -269,7 +290,7 @@ def train_row_seed(row, seed, settings, folder, threads=1):
     if os.path.isfile(os.path.join(run_dir, "config.json")):  # exported: config.json is written last
         return run_dir
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *row_train_args(row, settings, seed, ROOT), "--out", run_dir,
-           "--delete-checkpoints"]
+           *([] if row.long else ["--delete-checkpoints"])]
     resume = bool(checkpoints.latest(run_dir)[1]) if os.path.isdir(run_dir) else False
     if resume:
         cmd.append("--resume")
@@ -339,6 +360,30 @@ def evaluate_model(model, tokenizer, settings):
             "recall": recall.summarize(probes, rc["distances"]), "recall_records": probes}
 
 
+def evaluate_steps(row, settings, folder, run_dir, tokenizer):
+    """A long row's intermediate steps, each from its training checkpoint with the weights rounded to the export's
+    dtype (as the final model is read), evaluated as the final model is; each kept in folder/step_K.json once done,
+    the checkpoints deleted when all are. Returns {step: {ppl, passkey, recall}}."""
+    import checkpoints
+    import hf
+    from model import LLaMA
+
+    dtype = hf.stored_dtype(hf.read_config(run_dir))
+    by_step = {}
+    for step in step_evals(row, settings):
+        path = os.path.join(folder, f"step_{step}.json")
+        if not os.path.isfile(path):
+            model = LLaMA.from_pretrained(run_dir)
+            checkpoints.load_weights(model, os.path.join(checkpoints.folder(run_dir), f"step_{step:06d}"))
+            for p in model.parameters():
+                p.data = p.data.to(dtype).to(p.dtype)
+            r = evaluate_model(model, tokenizer, settings)
+            write_json(path, {k: r[k] for k in ("ppl", "passkey", "recall")})
+        by_step[str(step)] = read_json(path)
+    checkpoints.delete(run_dir)
+    return by_step
+
+
 def run_row_seed(slug, seed, settings, out, threads=1):
     """Train (if the row trains), take the census, evaluate, and write eval.json; nothing when it exists."""
     import torch
@@ -374,6 +419,8 @@ def run_row_seed(slug, seed, settings, out, threads=1):
     result["rope"] = rope.describe_rope(model.cfg.rope_scaling)
     load_start, t0 = os.getloadavg(), time.perf_counter()
     result.update(evaluate_model(model, tokenizer, settings))
+    if row.long:
+        result["by_step"] = evaluate_steps(row, settings, folder, run_dir, tokenizer)
     cost = training_cost(folder, run_dir) if row.train else {}
     cost.update(eval_wall_s=round(time.perf_counter() - t0, 1), eval_threads=1, eval_loadavg_start=load_start,
                 eval_loadavg_end=os.getloadavg())
@@ -559,7 +606,7 @@ def markdown(results):
     for title, paper, slugs in TABLES:
         if any(slug in rows for slug in slugs):
             md += [f"## {title}", "", table(results, slugs, paper), ""]
-    md += recall_sections(results)
+    md += recall_sections(results) + long_section(results)
     md += ["![perplexity](ppl.png) ![passkey](passkey.png)", "",
            f"Passkey accuracy by key depth ({s['depth_bins']} bins of the filler) and length, trials pooled over the "
            f"seeds: ![depth x length](passkey_depth.png)", "",
@@ -600,6 +647,30 @@ def paired(results, pose, pi, metric, n=3):
     t = m / (sd / math.sqrt(len(diffs))) if sd else (math.inf if m else 0.0)
     same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
     return dict(diffs=diffs, mean=m, t=t, finding=same_sign and abs(t) > T_CRITICAL[n])
+
+
+def long_section(results):
+    """The long rows by step (DESIGN.md section 15; the paper's Figure 3c is the perplexity column per step)."""
+    s, rows = results["settings"], results["rows"]
+    done = [slug for slug in rows if ROW[slug].long and rows[slug]["per_seed"]]
+    if not done:
+        return []
+    top, final = str(max(s["ctx"])), LONG * s["steps"]
+    md = ["## Linear at the paper's budget, by step (DESIGN.md section 15)", "",
+          f"Perplexity at {top} and the fixed-distance passkey accuracy averaged over the distances beyond the window, "
+          "mean ± sd over seeds, at each evaluated step (the paper's Figure 3c: perplexity against the step).", "",
+          "| row | seeds | step | ppl " + top + " | passkey, d > window |", "|---|---|---|---|---|"]
+    for slug in done:
+        entry = rows[slug]
+        for step in [*step_evals(ROW[slug], s), final]:
+            at = [r if step == final else r["by_step"][str(step)] for r in entry["per_seed"].values()]
+            ppl = mean_std([r["ppl"][top]["ppl"] for r in at])
+            distances = s["recall"]["distances"]
+            far = mean_std([statistics.fmean([v for d, v in zip(distances, r["recall"]["passkey_accuracy"])
+                                              if d > s["train_len"]]) for r in at])
+            md.append(f"| {entry['label']} | {seeds_label(entry)} | {step} | "
+                      f"{fmt_cell(dict(zip(('mean', 'std'), ppl)))} | {fmt_cell(dict(zip(('mean', 'std'), far)))} |")
+    return md + [""]
 
 
 def recall_sections(results):

@@ -186,7 +186,11 @@ def test_rows_and_settings(capsys):
     for row in reproduce.ROWS:
         if row.train:
             a = run_settings.from_command_line(reproduce.row_train_args(row, design, 0, ROOT), world=1, device="cpu")
-            assert a.replay_batch == 4 and a.steps == 100 and a.replay_weight == 0.2, row.slug
+            assert a.replay_batch == 4 and a.replay_weight == 0.2, row.slug
+            # a long row (section 15): 1000 steps, a checkpoint at each step it is evaluated at, all of them kept
+            assert (a.steps, a.save_every, a.keep) == ((1000, 50, 20) if row.long else (100, 25, 2)), row.slug
+            assert all(step % a.save_every == 0 for step in reproduce.step_evals(row, design)), row.slug
+    assert reproduce.step_evals(reproduce.ROW["pose-linear-1k"], design) == [100, 250, 500]
 
 
 def fake_eval(settings, slug, seed):
@@ -202,6 +206,9 @@ def fake_eval(settings, slug, seed):
                          for m in reproduce.RECALL_METRICS},
               "rope_scaling": None, "rope": "none", "git": {"commit": "0" * 40, "dirty": False},
               "cost": {"eval_wall_s": 1.0, "eval_loadavg_start": [1, 1, 1], "eval_loadavg_end": [1, 1, 1]}}
+    if reproduce.ROW[slug].long:
+        result["by_step"] = {str(step): {k: result[k] for k in ("ppl", "passkey", "recall")}
+                             for step in reproduce.step_evals(reproduce.ROW[slug], settings)}
     if seed is not None:
         counts = census.empty_counts()
         result["census"] = {"method": counts, "replay": counts, "steps": 1, "seed": seed}
@@ -313,3 +320,16 @@ def test_quick_results_are_labelled(tmp_path):
     with pytest.raises(SystemExit):  # a --out keeps its settings
         reproduce.check_out(out, reproduce.design_settings())
 
+
+
+def test_long_rows_are_reported_by_step(tmp_path):
+    design = reproduce.design_settings()
+    slugs = ["pose-linear-1k", "full-token-linear-1k"]
+    out = fake_out(tmp_path / "long", design, [(slug, seed) for slug in slugs for seed in (0, 1, 2)])
+    results, md = reproduce.write_results(out, design, slugs)
+    section = md.split("## Linear at the paper's budget, by step")[1].split("\n\n", 2)[2].split("\n\n")[0]
+    lines = section.splitlines()[2:]
+    assert [line.split(" | ")[2] for line in lines] == ["100", "250", "500", "1000"] * 2
+    per_seed = results["rows"]["pose-linear-1k"]["per_seed"]
+    ppl = [per_seed[seed]["by_step"]["250"]["ppl"]["2048"]["ppl"] for seed in "012"]
+    assert f"{np.mean(ppl):.2f} ± {np.std(ppl, ddof=1):.2f}" in lines[1]

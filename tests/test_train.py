@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
+import hf
 import settings
 import train
 from model import LLaMA, ModelConfig
@@ -121,6 +123,18 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path, tiny_model, st
     for k in w1:
         assert torch.equal(w1[k], w2[k]), k
     assert len(glob.glob(os.path.join(out, "checkpoints", "step_*"))) <= 2  # --keep 2
+
+    # a checkpoint's weights read into an unsharded model in this process (scripts/reproduce.py evaluates steps so):
+    # the last one is the export (to the export's dtype), the one before differs
+    final, root = LLaMA.from_pretrained(str(tmp_path / "straight")), tmp_path / "straight" / "checkpoints"
+    exported = {k: v.clone() for k, v in final.state_dict().items()}
+    dtype = next(iter(w1.values())).dtype
+    checkpoints.load_weights(final, str(root / "step_000024"))
+    assert all(torch.equal(v.to(dtype), exported[k].to(dtype)) for k, v in final.state_dict().items())
+    checkpoints.load_weights(final, str(root / "step_000020"))
+    assert not torch.equal(final.state_dict()["embed_tokens.weight"].to(dtype), exported["embed_tokens.weight"])
+    with pytest.raises(hf.CheckpointError, match="cannot load checkpoint"):
+        checkpoints.load_weights(final, str(tmp_path / "no-such-checkpoint"))
 
 
 def test_a_finished_run_continues_with_more_steps(tmp_path):
