@@ -224,15 +224,22 @@ def recall_means(records, distances, field):
     return [mean_std([r[field] for r in records if r["distance"] == d])[0] for d in distances]
 
 
+# Student's t, two-sided 5%: the 97.5% quantile by degrees of freedom (1..30), for the decision rule of DESIGN.md
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
 def paired_copy(a, b, lo, hi):
     """Per-probe copy NLL differences a - b (the same probes: same tokenizer and seed) for lo < distance <= hi:
-    (mean, sd, n, t)."""
+    mean, sd, n, t, the critical value for n - 1 degrees of freedom and the verdict (|t| above it)."""
     key = lambda r: (r["distance"], r["length"], r["first"], r["source"])  # noqa: E731
     other = {key(r): r["copy_nll"] for r in b}
     diffs = [r["copy_nll"] - other[key(r)] for r in a if lo < r["distance"] <= hi and key(r) in other]
     mean, sd = mean_std(diffs)
     t = mean / (sd / len(diffs) ** 0.5) if sd else None
-    return {"mean": mean, "sd": sd, "n": len(diffs), "t": t}
+    critical = T_975[len(diffs) - 2] if 2 <= len(diffs) <= len(T_975) + 1 else None
+    return {"mean": mean, "sd": sd, "n": len(diffs), "t": t, "critical": critical,
+            "finding": None if t is None or critical is None else abs(t) > critical}
 
 
 def collect(out, settings):
@@ -293,10 +300,14 @@ def markdown(results):
             name = row["label"] + ("" if seed == "None" else f" (seed {seed})")
             lines.append(f"| {name} | " + " | ".join(ppl + ratios + keys) + " |")
     if "pose_minus_pi_copy_nll" in results:
-        lines += ["", "PoSE - PI-no-skips, copy NLL at the second sight, per probe (the same probes): mean, sd, n, t",
-                  ""]
+        lines += ["", "PoSE - PI-no-skips, copy NLL at the second sight, per probe (the same probes; negative: PoSE "
+                  "recalls better). A finding when |t| exceeds Student's two-sided 5% point for n - 1 degrees of "
+                  "freedom (DESIGN.md; one training seed: this pair of runs).", "",
+                  "| region | mean | sd | n | t | critical | finding |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for name, d in results["pose_minus_pi_copy_nll"].items():
-            lines.append(f"- {name}: {fmt(d['mean'], 3)} (sd {fmt(d['sd'], 3)}, n {d['n']}, t {fmt(d['t'])})")
+            verdict = "-" if d["finding"] is None else ("yes" if d["finding"] else "no")
+            lines.append(f"| {name} | {fmt(d['mean'], 3)} | {fmt(d['sd'], 3)} | {d['n']} | {fmt(d['t'])} | "
+                         f"{fmt(d['critical'], 3)} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -346,7 +357,7 @@ def write_results(out, settings, folder=None):
 
 def publish(out):
     settings = load(os.path.join(out, "settings.json"))
-    if settings is None or settings != design_settings():
+    if settings is None or settings.get("mode") != "design" or settings != design_settings():
         raise SystemExit(f"error: {out} holds no design run of this script (a --quick run is never published)")
     missing = [f"{r.slug}{'' if seed is None else f' seed {seed}'}" for r in ROWS for seed in seeds_of(r, settings)
                if not os.path.isfile(os.path.join(row_dir(out, r, seed), "eval.json"))]
@@ -387,11 +398,6 @@ def main(argv=None):
     if before is not None and before != settings:
         sys.exit(f"error: {out} holds a run with other settings ({before.get('mode')}); use another --out")
     write_json(os.path.join(out, "settings.json"), settings, indent=2)
-    lock = open(os.path.join(out, ".lock." + "-".join(rows)), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        sys.exit(f"error: another scripts/reproduce_smollm2.py computes these rows in {out}")
     t_start = time.perf_counter()
 
     def report(message):
@@ -401,8 +407,13 @@ def main(argv=None):
     try:
         data = prepared_data(out, settings)
         for slug in rows:
-            for seed in seeds_of(ROW[slug], settings):
-                run_row_seed(slug, seed, settings, out, data, report)
+            with open(os.path.join(out, f".lock.{slug}"), "w") as lock:  # two processes may share --out, not a row
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    sys.exit(f"error: another scripts/reproduce_smollm2.py computes {slug} in {out}")
+                for seed in seeds_of(ROW[slug], settings):
+                    run_row_seed(slug, seed, settings, out, data, report)
     except KeyboardInterrupt:
         sys.exit(f"\ninterrupted: finished parts are kept in {out}; the same command resumes")
     except RuntimeError as e:
