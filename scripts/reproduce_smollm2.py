@@ -39,7 +39,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import cli  # noqa: E402
-from reproduce import git_state, mean_std, read_json, write_atomically, write_json, write_text  # noqa: E402
+from reproduce import (git_state, mean_std, read_json, row_dir, write_atomically, write_json,  # noqa: E402
+                       write_text)
+from reproduce import required_seeds as seeds_of  # noqa: E402  the design's seeds; none for a row that does not train
 
 RESULTS = os.path.join(ROOT, "results", "smollm2")
 PUBLISHED = ("results.json", "results.md", "recall.png", "ppl.png")
@@ -86,14 +88,6 @@ def design_settings(quick=False):
 
 def parts_of(row):
     return [p for p in PARTS if p != "passkey" or row.passkey]
-
-
-def seeds_of(row, settings):
-    return list(settings["seeds"]) if row.train else [None]
-
-
-def row_dir(out, row, seed):
-    return os.path.join(out, row.slug) if seed is None else os.path.join(out, row.slug, f"seed{seed}")
 
 
 def load(path):
