@@ -14,11 +14,11 @@ steps. The rows without training evaluate the base with a rotary scaling. Every 
 not the CLIs, on one thread: evaluate.perplexity on the 6 held-out plays (first 4096 tokens each, stride 128) at 256,
 512, 1024 and 2048 tokens, and passkey.run_passkey with 100 trials per length, seed 0 (the same prompts for every
 model; each trial's key depth is kept), and recall.py's passkey at fixed distances 64 .. 1536 (50 trials each) and
-copy recall (DESIGN.md section 14, design v2). The long rows (section 15: linear at 1000 steps) keep a checkpoint
-every 50 steps and are also evaluated at steps 100, 250 and 500, each from its checkpoint (checkpoints.load_weights,
-the weights rounded to the export's dtype, as the final model is read). Each fine-tuned run also gets its
-answer-target census
-(scripts/census.py): what retrieval practice the method's examples and the replay windows hold.
+copy recall (DESIGN.md section 14, design v2). The long rows (section 15: linear at 1000 steps; seed 0 only,
+section 16) keep a checkpoint every 50 steps and are also evaluated at steps 100, 250 and 500, each from its
+checkpoint (checkpoints.load_weights, the weights rounded to the export's dtype, as the final model is read). Each
+fine-tuned run also gets its answer-target census (scripts/census.py): what retrieval practice the method's examples
+and the replay windows hold.
 Two row-seeds run side by side (--jobs), each in its own process on one thread (--threads): on 2 shared cores a
 second torch thread per process mostly waits (10x slower steps were measured next to another 2-thread run).
 
@@ -34,9 +34,17 @@ only when OUT was run with the design's settings (not --quick) and every printed
 untouched. Design v2 publishes into results/toy/v2/; results/toy/*.json|md are v1's (no recall; the token-matched row
 at replay weight 2/3), kept until v2 has every row. Nothing else ever writes under results/.
 
+--restore RESULTS_JSON computes nothing either: it writes each row-seed of a published results.json into OUT as
+its eval.json (the numbers as published), so that a fresh machine adds rows to a published run without
+recomputing it; then --publish as usual.
+
+The extreme rows (DESIGN.md section 16: PoSE and YaRN-only to 16384 and 32768) are also evaluated up to their target:
+perplexity on 3 plays cut to the target in tiling windows, and the fixed-distance passkey at 3072 .. 24576.
+
 --quick: every row (optional ones included), seed 0, 10 steps of 8 method examples + 2 replay windows (the
 token-matched Full-length: 1 example), warmup 2, perplexity on 1 play (first 2048 tokens), 5 passkey trials per
-length; default --out out/reproduce-quick; its results.md starts with "SMOKE RUN (--quick): not results".
+length, the extreme rows' extended evaluation stopped at 4096 tokens; default --out out/reproduce-quick; its
+results.md starts with "SMOKE RUN (--quick): not results".
 """
 import argparse
 import concurrent.futures
@@ -71,6 +79,7 @@ SMOKE = "SMOKE RUN (--quick): not results"
 
 YARN = "yarn,beta_fast=4,beta_slow=1"  # DESIGN section 4: factor target / window = 2048 / 256 = 8
 YARN8 = "yarn:8,beta_fast=4,beta_slow=1"
+YARN_AT = "yarn:{},beta_fast=4,beta_slow=1"  # YaRN 4 / 1 with an explicit factor (no training)
 RELATIVE = "yarn,beta_fast=4,beta_slow=0.125"  # the both-relative ramp: unseen angles from 1.5 windows on
 
 
@@ -82,6 +91,7 @@ class Row(NamedTuple):
     optional: bool = False
     extra_seeds: tuple = ()  # seeds beyond the design's 0-2 (DESIGN.md section 15); design runs only
     long: bool = False  # 10x the recipe's steps, also evaluated at 1x, 2.5x and 5x of them (section 15)
+    target: int = None  # an extreme row's target (section 16; None: the recipe's), also evaluated up to it
 
 
 EXTRA = (3, 4)  # DESIGN.md section 15: the main trio's seeds 3 and 4
@@ -120,8 +130,17 @@ ROWS = (  # DESIGN section 7, in the order they run: no training first, then the
     Row("full-token-linear-1k", "Full-length, token-matched, linear, 1000 steps",
         ("--method", "full", "--rope", "linear", "--batch-size", TOKEN_MATCHED, "--micro-batch-size", TOKEN_MATCHED),
         long=True),
+    Row("pose-16k", "PoSE N=2, to 16384 (64x)", ("--method", "pose", "--chunks", "2", "--rope", YARN), target=16384),
+    Row("yarn-only-16k", "YaRN-only, 64x", rope=YARN_AT.format(64), target=16384),
+    Row("pose-32k", "PoSE N=2, to 32768 (128x)", ("--method", "pose", "--chunks", "2", "--rope", YARN), target=32768),
+    Row("yarn-only-32k", "YaRN-only, 128x", rope=YARN_AT.format(128), target=32768),
 )
 ROW = {r.slug: r for r in ROWS}
+# DESIGN.md section 16: the extreme rows' evaluation up to their target, besides every row's; a constant, not a
+# key of the settings, so that the runs made before it keep their settings. --quick stops it at 4096 tokens.
+EXTENDED = dict(ppl_docs=3, distances=[3072, 6144, 12288, 24576], trials=10, seed=0, max_tokens=None)
+EXTENDED_QUICK = dict(EXTENDED, ppl_docs=1, trials=2, max_tokens=4096)
+EXTREME = (("pose-16k", "yarn-only-16k"), ("pose-32k", "yarn-only-32k"))  # (PoSE, its no-training comparison)
 
 # The tables of results.md: (title, rows, which paper numbers stand beside them)
 TABLES = (
@@ -131,6 +150,8 @@ TABLES = (
      ("original", "pi-only", "pose-linear", "full-linear", "ntk-only", "pose-ntk", "pi-ntk", "full-ntk", "yarn-only",
       "pose-n2", "full-step", "yarn-only-standard", "yarn-only-relative", "pose-relative", "pi-relative")),
     ("Chunk content (paper appendix A, Table 4)", "T4", ("pose-n2", "pose-contiguous", "pose-aligned")),
+    ("Extreme extension, at the recipe's lengths (DESIGN.md section 16)", None,
+     ("pose-n2", "pose-16k", "yarn-only-16k", "pose-32k", "yarn-only-32k")),
 )
 MAIN_TABLE = TABLES[0][2]
 # DESIGN.md section 14: (PoSE row, PI-no-skips row) pairs, the setting, and whether positions go out of range
@@ -199,7 +220,7 @@ def row_train_args(row, settings, seed, root=None):
         steps, save_every = LONG * steps, settings["steps"] // 2
         own += ["--keep", str(LONG * 2)]
     return ["--model", path(settings["base"]), "--data", path(settings["train_data"]), "--recipe", "tiny",
-            "--target", str(settings["target"]), "--train-len", str(settings["train_len"]),
+            "--target", str(row.target or settings["target"]), "--train-len", str(settings["train_len"]),
             "--steps", str(steps), "--batch-size", str(settings["batch_size"]), "--lr", str(settings["lr"]),
             "--warmup", str(settings["warmup"]), "--seed", str(seed), "--replay", path(settings["replay"]),
             "--replay-batch", str(settings["replay_batch"]), "--replay-weight", str(settings["replay_weight"]),
@@ -216,12 +237,15 @@ def seeds_of(row, settings):
     """Every seed a row runs: the design's, and for a design run the row's extra seeds (section 15)."""
     if not row.train:
         return [None]
-    return list(settings["seeds"]) + (list(row.extra_seeds) if settings["mode"] == "design" else [])
+    return required_seeds(row, settings) + (list(row.extra_seeds) if settings["mode"] == "design" else [])
 
 
 def required_seeds(row, settings):
-    """The seeds a row must have to be published: the design's (its extra seeds are added when they exist)."""
-    return list(settings["seeds"]) if row.train else [None]
+    """The seeds a row must have to be published: the design's, seed 0 only for a long row (DESIGN.md section 16);
+    a row's extra seeds are added when they exist."""
+    if not row.train:
+        return [None]
+    return list(settings["seeds"][:1] if row.long else settings["seeds"])
 
 
 def row_dir(out, row, seed):
@@ -360,6 +384,35 @@ def evaluate_model(model, tokenizer, settings):
             "recall": recall.summarize(probes, rc["distances"]), "recall_records": probes}
 
 
+def evaluate_extended(model, tokenizer, settings, target, folder):
+    """An extreme row's evaluation up to its target (DESIGN.md section 16), kept in folder/extended.json once done:
+    perplexity on the first plays cut to the target, at ctx window x 2^k, in windows that tile them; the passkey at
+    the fixed distances of at most 3/4 of the target (prompts up to the target). --quick stops at 4096 tokens."""
+    import data
+    import evaluate
+    import recall
+
+    path = os.path.join(folder, "extended.json")
+    if os.path.isfile(path):
+        return read_json(path)
+    ext = EXTENDED_QUICK if settings["mode"] == "quick" else EXTENDED
+    top = min(target, ext["max_tokens"] or target)
+    corpus = data.load_corpus(os.path.join(ROOT, settings["eval_data"]), tokenizer, min_tokens=top)
+    docs = [corpus[i][:top] for i in range(min(ext["ppl_docs"], len(corpus)))]
+    ppl, ctx = {}, settings["train_len"]
+    while ctx <= top:
+        r = evaluate.perplexity(model, docs, ctx, ctx - 1)
+        ppl[str(ctx)] = {"ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"]}
+        ctx *= 2
+    distances = [d for d in ext["distances"] if d <= 3 * top // 4]
+    probes = recall.run_recall(model, tokenizer, None, distances, settings["train_len"], ["passkey"],
+                               trials=ext["trials"], seed=ext["seed"])
+    result = {"settings": ext, "target": target, "ppl": ppl, "distances": distances,
+              "recall": recall.summarize(probes, distances), "recall_records": probes}
+    write_json(path, result)
+    return result
+
+
 def evaluate_steps(row, settings, folder, run_dir, tokenizer):
     """A long row's intermediate steps, each from its training checkpoint with the weights rounded to the export's
     dtype (as the final model is read), evaluated as the final model is; each kept in folder/step_K.json once done,
@@ -421,6 +474,8 @@ def run_row_seed(slug, seed, settings, out, threads=1):
     result.update(evaluate_model(model, tokenizer, settings))
     if row.long:
         result["by_step"] = evaluate_steps(row, settings, folder, run_dir, tokenizer)
+    if row.target:
+        result["extended"] = evaluate_extended(model, tokenizer, settings, row.target, folder)
     cost = training_cost(folder, run_dir) if row.train else {}
     cost.update(eval_wall_s=round(time.perf_counter() - t0, 1), eval_threads=1, eval_loadavg_start=load_start,
                 eval_loadavg_end=os.getloadavg())
@@ -519,9 +574,10 @@ def seeds_label(entry):
 
 
 def table(results, slugs, paper):
+    """One results table; `paper` names the paper's table whose numbers stand beside ours (None: no paper column)."""
     s = results["settings"]
     head = ["row", "seeds"] + [f"ppl {c}" for c in s["ctx"]] + [f"passkey {n}" for n in s["passkey_lengths"]] + \
-        ["s/step", f"paper ppl 2k / 4k / 8k / 16k ({PAPER_SOURCE[paper]})", "paper passkey (text)"]
+        ["s/step"] + ([f"paper ppl 2k / 4k / 8k / 16k ({PAPER_SOURCE[paper]})", "paper passkey (text)"] if paper else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for slug in slugs:
         if slug not in results["rows"]:
@@ -532,9 +588,10 @@ def table(results, slugs, paper):
         cells += [fmt_cell(summary.get("ppl", {}).get(str(c))) for c in s["ctx"]]
         cells += [fmt_cell(summary.get("passkey", {}).get(str(n))) for n in s["passkey_lengths"]]
         cells.append(fmt_cell(summary.get("cost", {}).get("seconds_per_step")) if entry["train_args"] else "-")
-        ppl = PAPER_PPL[paper].get(slug)
-        cells.append(" / ".join(ppl) if ppl else "-")
-        cells.append(PAPER_PASSKEY.get(slug, "-") if paper == "T1" or slug in ("original", "pi-only") else "-")
+        if paper:
+            ppl = PAPER_PPL[paper].get(slug)
+            cells.append(" / ".join(ppl) if ppl else "-")
+            cells.append(PAPER_PASSKEY.get(slug, "-") if paper == "T1" or slug in ("original", "pi-only") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -606,7 +663,7 @@ def markdown(results):
     for title, paper, slugs in TABLES:
         if any(slug in rows for slug in slugs):
             md += [f"## {title}", "", table(results, slugs, paper), ""]
-    md += recall_sections(results) + long_section(results)
+    md += recall_sections(results) + long_section(results) + extreme_section(results)
     md += ["![perplexity](ppl.png) ![passkey](passkey.png)", "",
            f"Passkey accuracy by key depth ({s['depth_bins']} bins of the filler) and length, trials pooled over the "
            f"seeds: ![depth x length](passkey_depth.png)", "",
@@ -626,6 +683,21 @@ def beyond_window(entry, settings, metric, seed):
     return statistics.fmean(far) if far else None
 
 
+def verdict(diffs):
+    """Mean, paired t and the decision rule's verdict (sections 14-16) of per-seed differences."""
+    m, sd = mean_std(diffs)
+    t = m / (sd / math.sqrt(len(diffs))) if sd else (math.inf if m else 0.0)
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    return dict(diffs=diffs, mean=m, t=t, finding=same_sign and abs(t) > T_CRITICAL.get(len(diffs), math.inf))
+
+
+def verdict_cells(v):
+    if v is None:
+        return ["pending"] * 4
+    return [", ".join(f"{d:+.3f}" for d in v["diffs"]), f"{v['mean']:+.3f}", f"{v['t']:.2f}",
+            "yes" if v["finding"] else "no"]
+
+
 def paired(results, pose, pi, metric, n=3):
     """Per-seed PoSE - PI differences of `metric` (beyond the window, or ppl at the longest ctx) over the first `n`
     seeds, their mean, the paired t and the verdict of the decision rule (n = 3: section 14's, n = 5: section 15's);
@@ -642,11 +714,7 @@ def paired(results, pose, pi, metric, n=3):
         value = lambda e, seed: e["per_seed"][seed]["ppl"][top]["ppl"]  # noqa: E731
     else:
         value = lambda e, seed: beyond_window(e, s, metric, seed)  # noqa: E731
-    diffs = [value(a, str(x)) - value(b, str(x)) for x in seeds]
-    m, sd = mean_std(diffs)
-    t = m / (sd / math.sqrt(len(diffs))) if sd else (math.inf if m else 0.0)
-    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-    return dict(diffs=diffs, mean=m, t=t, finding=same_sign and abs(t) > T_CRITICAL[n])
+    return verdict([value(a, str(x)) - value(b, str(x)) for x in seeds])
 
 
 def long_section(results):
@@ -670,6 +738,67 @@ def long_section(results):
                                               if d > s["train_len"]]) for r in at])
             md.append(f"| {entry['label']} | {seeds_label(entry)} | {step} | "
                       f"{fmt_cell(dict(zip(('mean', 'std'), ppl)))} | {fmt_cell(dict(zip(('mean', 'std'), far)))} |")
+    return md + [""]
+
+
+def extreme_section(results):
+    """The extreme rows' evaluation up to the target (DESIGN.md section 16) and its decision rule."""
+    s, rows = results["settings"], results["rows"]
+    done = [slug for slug in rows if ROW[slug].target and rows[slug]["per_seed"]]
+    if not done:
+        return []
+    ext = next(iter(rows[done[0]]["per_seed"].values()))["extended"]["settings"]
+    ctxs = sorted({int(c) for slug in done for r in rows[slug]["per_seed"].values() for c in r["extended"]["ppl"]})
+    distances = [d for d in ext["distances"] if any(d in r["extended"]["distances"] for slug in done
+                                                    for r in rows[slug]["per_seed"].values())]
+
+    def cell(values):
+        return fmt_cell(dict(zip(("mean", "std"), mean_std(values))))
+
+    def far_passkey(r):  # the primary metric: passkey accuracy over the extended distances
+        return statistics.fmean(r["extended"]["recall"]["passkey_accuracy"])
+
+    md = ["## Extreme extension, up to the target (DESIGN.md section 16)", "",
+          f"Perplexity on the first {ext['ppl_docs']} held-out plays, each cut to the row's target, in windows that "
+          f"tile them (stride ctx - 1: not the main tables' protocol), and the passkey at a fixed distance "
+          f"({ext['trials']} trials per distance, recall.py), mean ± sd over seeds.", "",
+          "| row | seeds | " + " | ".join(f"ppl {c}" for c in ctxs) + " | " +
+          " | ".join(f"passkey d={d}" for d in distances) + " |", "|" + "---|" * (2 + len(ctxs) + len(distances))]
+    for slug in done:
+        entry, per_seed = rows[slug], rows[slug]["per_seed"].values()
+        cells = [cell([r["extended"]["ppl"][str(c)]["ppl"] for r in per_seed if str(c) in r["extended"]["ppl"]])
+                 for c in ctxs]
+        cells += [cell([v for r in per_seed for dd, v in zip(r["extended"]["distances"],
+                                                             r["extended"]["recall"]["passkey_accuracy"]) if dd == d])
+                  for d in distances]
+        md.append(f"| {entry['label']} | {seeds_label(entry)} | " + " | ".join(cells) + " |")
+    md += ["", "Decision rule (section 16): per seed, PoSE minus its YaRN-only row (no training, one model), and "
+           f"PoSE minus PoSE N=2 inside the recipe's lengths, seeds paired; a finding when all {len(s['seeds'])} "
+           f"seeds have one sign and |t| > {T_CRITICAL[3]}.", "",
+           "| comparison | metric | per-seed difference | mean | t | finding |", "|---|---|---|---|---|---|"]
+    top = str(max(s["ctx"]))
+    for pose, base in EXTREME:
+        if pose not in rows:
+            continue
+        a, seeds = rows[pose], [str(x) for x in required_seeds(ROW[pose], s)]
+        ready = lambda e: e is not None and all(x in e["per_seed"] for x in seeds)  # noqa: E731
+        b, n2 = rows.get(base), rows.get("pose-n2")
+        far = str(max(ctxs))  # the target (--quick: where its extended evaluation stops)
+        comparisons = [
+            (f"{a['label']} - {base}", "passkey accuracy, extended distances", b,
+             lambda x: far_passkey(a["per_seed"][x]) - far_passkey(b["per_seed"]["base"])),
+            (f"{a['label']} - {base}", f"ppl at {far}", b,
+             lambda x: a["per_seed"][x]["extended"]["ppl"][far]["ppl"] -
+             b["per_seed"]["base"]["extended"]["ppl"][far]["ppl"]),
+            (f"{a['label']} - PoSE N=2", "ppl at 256", n2,
+             lambda x: a["per_seed"][x]["ppl"]["256"]["ppl"] - n2["per_seed"][x]["ppl"]["256"]["ppl"]),
+            (f"{a['label']} - PoSE N=2", f"ppl at {top}", n2,
+             lambda x: a["per_seed"][x]["ppl"][top]["ppl"] - n2["per_seed"][x]["ppl"][top]["ppl"]),
+        ]
+        for name, metric, other, diff in comparisons:
+            ok = ready(a) and (ready(other) if other is n2 else bool(other and other["per_seed"]))
+            v = verdict([diff(x) for x in seeds]) if ok else None
+            md.append(f"| {name} | {metric} | " + " | ".join(verdict_cells(v)) + " |")
     return md + [""]
 
 
@@ -702,10 +831,7 @@ def recall_sections(results):
         for n in counts:
             for metric, label in (("passkey_accuracy", "passkey accuracy, d > window"),
                                   ("passkey_nll", "key NLL, d > window"), ("ppl", f"ppl at {max(s['ctx'])}")):
-                p = paired(results, pose, pi, metric, n)
-                cells = ["pending"] * 4 if p is None else [", ".join(f"{d:+.3f}" for d in p["diffs"]),
-                                                            f"{p['mean']:+.3f}", f"{p['t']:.2f}",
-                                                            "yes" if p["finding"] else "no"]
+                cells = verdict_cells(paired(results, pose, pi, metric, n))
                 md.append(f"| {setting} | {out_of_range} | {label} | 0-{n - 1} | " + " | ".join(cells) + " |")
     return md + [""]
 
@@ -838,6 +964,34 @@ def publish(out, slugs, dest=RESULTS):
     return [os.path.join(dest, name) for name in PUBLISHED]
 
 
+def restore(out, path):
+    """Write into `out` the eval.json of every row-seed of a published results.json (`path`), computing nothing: on a
+    fresh machine, the rows published before go on counting without being recomputed. Only a design run's file;
+    a row-seed already in `out` is kept. Returns the number written."""
+    try:
+        published = read_json(path)
+    except (OSError, ValueError) as e:
+        raise PublishError(f"cannot read {path}: {e}") from None
+    settings = published.get("settings") if isinstance(published, dict) else None
+    if settings != design_settings():
+        raise PublishError(f"{path} was not made with the design's settings: nothing restored")
+    unknown = [slug for slug in published["rows"] if slug not in ROW]
+    if unknown:
+        raise PublishError(f"{path} has rows this scripts/reproduce.py does not know: {', '.join(unknown)}")
+    check_out(out, settings)
+    written = 0
+    for slug, entry in published["rows"].items():
+        for key, result in entry["per_seed"].items():
+            seed = None if key == "base" else int(key)
+            eval_json = os.path.join(row_dir(out, ROW[slug], seed), "eval.json")
+            if not os.path.isfile(eval_json):
+                os.makedirs(os.path.dirname(eval_json), exist_ok=True)
+                write_json(eval_json, {"row": slug, "label": entry["label"], "seed": seed, "settings": settings,
+                                       **result})
+                written += 1
+    return written
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -868,6 +1022,8 @@ def parse_args(argv=None):
                    "always uses 1)")
     p.add_argument("--publish", action="store_true", help="copy the results of --rows (all of them computed, with "
                    "the design's settings) to results/toy; computes nothing")
+    p.add_argument("--restore", metavar="RESULTS_JSON", help="write the row-seeds of a published results.json into "
+                   "--out as if computed there (a fresh machine continues a published run); computes nothing")
     args = p.parse_args(argv)
     args.out = os.path.abspath(args.out or os.path.join(ROOT, "out", "reproduce-quick" if args.quick else
                                                         "reproduce"))
@@ -886,8 +1042,10 @@ def parse_args(argv=None):
         args.seeds = [int(s) for s in args.seeds.split(",")]
         if not set(args.seeds) <= set(known):
             p.error(f"--seeds must be among the {'--quick' if args.quick else 'design'} seeds {known}")
-    if args.publish and args.quick:
-        p.error("--quick runs are never published")
+    if (args.publish or args.restore) and args.quick:
+        p.error("--quick runs are never published or restored")
+    if args.publish and args.restore:
+        p.error("--publish and --restore are separate steps: restore first, then publish")
     return args, settings
 
 
@@ -915,6 +1073,13 @@ def main(argv=None):
         except PublishError as e:
             sys.exit(f"error: {e}")
         print("published: " + ", ".join(os.path.relpath(p, ROOT) for p in written))
+        return
+    if args.restore:
+        try:
+            n = restore(args.out, args.restore)
+        except PublishError as e:
+            sys.exit(f"error: {e}")
+        print(f"{args.out}: {n} row-seeds restored from {args.restore}")
         return
     if os.path.realpath(args.out).startswith(os.path.realpath(os.path.join(ROOT, "results")) + os.sep):
         sys.exit("error: --out must not be under results/ (--publish writes there)")

@@ -191,6 +191,13 @@ def test_rows_and_settings(capsys):
             assert (a.steps, a.save_every, a.keep) == ((1000, 50, 20) if row.long else (100, 25, 2)), row.slug
             assert all(step % a.save_every == 0 for step in reproduce.step_evals(row, design)), row.slug
     assert reproduce.step_evals(reproduce.ROW["pose-linear-1k"], design) == [100, 250, 500]
+    # DESIGN.md section 16: the long rows run seed 0 only; the extreme rows train to their own target
+    assert reproduce.seeds_of(reproduce.ROW["pose-linear-1k"], design) == [0]
+    for slug, target in (("pose-16k", 16384), ("pose-32k", 32768)):
+        a = run_settings.from_command_line(reproduce.row_train_args(reproduce.ROW[slug], design, 0, ROOT), world=1,
+                                           device="cpu")
+        assert (a.target, a.train_len, a.method, a.steps) == (target, 256, "pose", 100)
+        assert reproduce.seeds_of(reproduce.ROW[slug], design) == [0, 1, 2]
 
 
 def fake_eval(settings, slug, seed):
@@ -209,6 +216,13 @@ def fake_eval(settings, slug, seed):
     if reproduce.ROW[slug].long:
         result["by_step"] = {str(step): {k: result[k] for k in ("ppl", "passkey", "recall")}
                              for step in reproduce.step_evals(reproduce.ROW[slug], settings)}
+    if reproduce.ROW[slug].target:
+        distances = [d for d in reproduce.EXTENDED["distances"] if d <= 3 * reproduce.ROW[slug].target // 4]
+        ctxs = [256 * 2 ** k for k in range(8) if 256 * 2 ** k <= reproduce.ROW[slug].target]
+        result["extended"] = {"settings": reproduce.EXTENDED, "target": reproduce.ROW[slug].target,
+                              "ppl": {str(c): {"ppl": 40 + rng.random(), "nll": 1.0, "tokens": 10} for c in ctxs},
+                              "distances": distances,
+                              "recall": {"passkey_accuracy": [float(rng.random()) for _ in distances]}}
     if seed is not None:
         counts = census.empty_counts()
         result["census"] = {"method": counts, "replay": counts, "steps": 1, "seed": seed}
@@ -331,5 +345,82 @@ def test_long_rows_are_reported_by_step(tmp_path):
     lines = section.splitlines()[2:]
     assert [line.split(" | ")[2] for line in lines] == ["100", "250", "500", "1000"] * 2
     per_seed = results["rows"]["pose-linear-1k"]["per_seed"]
-    ppl = [per_seed[seed]["by_step"]["250"]["ppl"]["2048"]["ppl"] for seed in "012"]
-    assert f"{np.mean(ppl):.2f} ± {np.std(ppl, ddof=1):.2f}" in lines[1]
+    assert sorted(per_seed) == ["0"]  # seed 0 only (DESIGN.md section 16): seeds 1-2 on disk are not read
+    assert f"| 1 | 250 | {per_seed['0']['by_step']['250']['ppl']['2048']['ppl']:.2f} |" in lines[1]
+    reproduce.publish(out, slugs, dest=str(tmp_path / "published"))  # seed 0 is all a long row needs
+
+
+def test_restore_then_publish_gives_the_published_rows(tmp_path):
+    """--restore on a fresh --out, then --publish: the same rows, numbers and tables as published before."""
+    design = reproduce.design_settings()
+    rows = ["original", "pose-n2", "pi-ft"]
+    out = fake_out(tmp_path / "before", design, [("original", None)] + [(r, s) for r in rows[1:] for s in range(5)])
+    reproduce.publish(out, rows, dest=str(tmp_path / "v1"))
+    published = str(tmp_path / "v1" / "results.json")
+    assert reproduce.restore(str(tmp_path / "fresh"), published) == 11
+    assert reproduce.restore(str(tmp_path / "fresh"), published) == 0  # nothing overwritten
+    reproduce.publish(str(tmp_path / "fresh"), rows, dest=str(tmp_path / "v2"))
+    a, b = (json.load(open(tmp_path / v / "results.json")) for v in ("v1", "v2"))
+    assert a["rows"] == b["rows"] and a["settings"] == b["settings"]
+    assert (tmp_path / "v1" / "results.md").read_text() == (tmp_path / "v2" / "results.md").read_text()
+    # a quick run's file, or an unreadable one, restores nothing
+    quick = fake_out(tmp_path / "quick", reproduce.design_settings(quick=True), [("original", None)])
+    reproduce.write_results(quick, reproduce.design_settings(quick=True), ["original"])
+    for path, message in ((os.path.join(quick, "results.json"), "design's settings"),
+                          (str(tmp_path / "missing.json"), "cannot read")):
+        with pytest.raises(reproduce.PublishError, match=message):
+            reproduce.restore(str(tmp_path / "other"), path)
+        assert not os.path.exists(tmp_path / "other")
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--restore", str(tmp_path / "missing.json"), "--out", str(tmp_path / "other")])
+    assert str(e.value).startswith("error: cannot read")
+
+
+def test_extreme_rows_rule(tmp_path):
+    """DESIGN.md section 16: PoSE to 16k minus its YaRN-only row (one model) per seed, and minus PoSE N=2 at the
+    recipe's lengths, seeds paired; the extended table up to the target."""
+    design = reproduce.design_settings()
+    slugs = ["pose-n2", "pose-16k", "yarn-only-16k"]
+    out = fake_out(tmp_path / "x", design, [("yarn-only-16k", None)] + [(r, s) for r in slugs[:2] for s in range(3)])
+    for seed, gain in enumerate([0.5, 0.6, 0.4]):  # PoSE-16k passes the far passkey `gain` more often
+        path = os.path.join(reproduce.row_dir(out, reproduce.ROW["pose-16k"], seed), "eval.json")
+        r = reproduce.read_json(path)
+        r["extended"]["recall"]["passkey_accuracy"] = [0.1 + gain] * 3
+        reproduce.write_json(path, r)
+    path = os.path.join(reproduce.row_dir(out, reproduce.ROW["yarn-only-16k"], None), "eval.json")
+    r = reproduce.read_json(path)
+    r["extended"]["recall"]["passkey_accuracy"] = [0.1] * 3
+    reproduce.write_json(path, r)
+    results, md = reproduce.write_results(out, design, slugs)
+    section = md.split("## Extreme extension, up to the target")[1]
+    assert "| ppl 16384 |" in section and "| passkey d=12288 |" in section and "d=24576" not in section
+    line = next(x for x in section.splitlines() if "yarn-only-16k | passkey" in x)
+    t = np.mean([0.5, 0.6, 0.4]) / (np.std([0.5, 0.6, 0.4], ddof=1) / np.sqrt(3))
+    assert "+0.500, +0.600, +0.400 | +0.500 |" in line and f"| {t:.2f} | yes |" in line
+    n2 = results["rows"]["pose-n2"]["per_seed"]
+    x16 = results["rows"]["pose-16k"]["per_seed"]
+    diffs = [x16[s]["ppl"]["2048"]["ppl"] - n2[s]["ppl"]["2048"]["ppl"] for s in "012"]
+    line = next(x for x in section.splitlines() if "PoSE N=2 | ppl at 2048" in x)
+    assert ", ".join(f"{d:+.3f}" for d in diffs) in line
+    assert "PoSE N=2, to 32768" not in section  # rows not asked for are not shown
+
+
+def test_extended_evaluation_on_the_bundled_base(tmp_path):
+    """--quick's extended evaluation on the bundled base: tiling windows score every token of the play once at
+    every ctx up to 4096, and the passkey prompts keep the key exactly 3072 tokens back within 4096 tokens."""
+    import data
+    import rope
+    from model import LLaMA
+
+    quick = reproduce.design_settings(quick=True)
+    tokenizer = data.Tokenizer(os.path.join(ROOT, "assets", "tiny"))
+    model = LLaMA.from_pretrained(os.path.join(ROOT, "assets", "tiny"))
+    model.set_rope_scaling(rope.scaling_from_spec("yarn:64,beta_fast=4,beta_slow=1", 256))
+    r = reproduce.evaluate_extended(model, tokenizer, quick, 16384, str(tmp_path))
+    assert list(r["ppl"]) == ["256", "512", "1024", "2048", "4096"] and r["distances"] == [3072]
+    assert {v["tokens"] for v in r["ppl"].values()} == {4095}  # the first 4096 tokens, BOS not scored
+    assert all(np.isfinite(v["ppl"]) for v in r["ppl"].values())
+    trials = r["recall_records"]["passkey"]
+    assert len(trials) == 2 and all(t["distance"] == 3072 and t["prompt_tokens"] <= t["length"] == 4096
+                                    for t in trials)
+    assert reproduce.evaluate_extended(None, tokenizer, quick, 16384, str(tmp_path)) == r  # kept: not recomputed
