@@ -31,8 +31,10 @@ OUT/results.md with the plots (ppl.png, passkey.png, passkey_depth.png) are rewr
 --publish computes nothing: it copies the results of the rows printed (--rows, default all) to results/toy/, and
 only when OUT was run with the design's settings (not --quick) and every printed row has its design seeds 0-2 there
 (seeds 3-4 of the main trio, DESIGN.md section 15, join when computed); otherwise it is an error and results/ is
-untouched. Design v2 publishes into results/toy/v2/; results/toy/*.json|md are v1's (no recall; the token-matched row
-at replay weight 2/3), kept until v2 has every row. Nothing else ever writes under results/.
+untouched; with --partial, rows with some of their seeds are published too, listed as pending (their decisions
+are read only once every seed is there). Design v2 publishes into results/toy/v2/; results/toy/*.json|md are v1's
+(no recall; the token-matched row at replay weight 2/3), kept until v2 has every row. Nothing else ever writes
+under results/.
 
 --restore RESULTS_JSON computes nothing either: it writes each row-seed of a published results.json into OUT as
 its eval.json (the numbers as published), so that a fresh machine adds rows to a published run without
@@ -934,9 +936,10 @@ def write_results(out, settings, slugs, folder=None):
 # ----------------------------------------------------------------------------------------------------------------
 # publishing
 
-def publish(out, slugs, dest=RESULTS):
+def publish(out, slugs, dest=RESULTS, partial=False):
     """Copy the results of the rows `slugs` computed in `out` to `dest`: only a design run (not --quick) with every
-    seed of every row done. Raises PublishError, with `dest` untouched, otherwise."""
+    seed of every row done (partial: at least one seed of every row; results.md lists the others as pending and
+    no decision is read from a row without all its seeds). Raises PublishError, with `dest` untouched, otherwise."""
     path = os.path.join(out, "settings.json")
     if not os.path.isfile(path):
         raise PublishError(f"{out} holds no run of scripts/reproduce.py (no settings.json): nothing to publish")
@@ -948,6 +951,10 @@ def publish(out, slugs, dest=RESULTS):
     missing = [f"{slug} seed {seed}" if seed is not None else slug for slug in slugs
                for seed in required_seeds(ROW[slug], settings)
                if not os.path.isfile(os.path.join(row_dir(out, ROW[slug], seed), "eval.json"))]
+    if partial:
+        missing = [slug for slug in slugs if not any(os.path.isfile(os.path.join(row_dir(out, ROW[slug], seed),
+                                                                                "eval.json"))
+                                                     for seed in required_seeds(ROW[slug], settings))]
     if missing:
         raise PublishError(f"not computed in {out}: {', '.join(missing)}; run scripts/reproduce.py for them first, "
                            f"or publish only finished rows with --rows")
@@ -1022,6 +1029,8 @@ def parse_args(argv=None):
                    "always uses 1)")
     p.add_argument("--publish", action="store_true", help="copy the results of --rows (all of them computed, with "
                    "the design's settings) to results/toy; computes nothing")
+    p.add_argument("--partial", action="store_true", help="with --publish: also rows with only some of their seeds "
+                   "(listed as pending; so that a later session can --restore them)")
     p.add_argument("--restore", metavar="RESULTS_JSON", help="write the row-seeds of a published results.json into "
                    "--out as if computed there (a fresh machine continues a published run); computes nothing")
     args = p.parse_args(argv)
@@ -1044,6 +1053,8 @@ def parse_args(argv=None):
             p.error(f"--seeds must be among the {'--quick' if args.quick else 'design'} seeds {known}")
     if (args.publish or args.restore) and args.quick:
         p.error("--quick runs are never published or restored")
+    if args.partial and not args.publish:
+        p.error("--partial goes with --publish")
     if args.publish and args.restore:
         p.error("--publish and --restore are separate steps: restore first, then publish")
     return args, settings
@@ -1069,7 +1080,7 @@ def main(argv=None):
     args, settings = parse_args(argv)
     if args.publish:
         try:
-            written = publish(args.out, args.rows)
+            written = publish(args.out, args.rows, partial=args.partial)
         except PublishError as e:
             sys.exit(f"error: {e}")
         print("published: " + ", ".join(os.path.relpath(p, ROOT) for p in written))

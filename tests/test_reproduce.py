@@ -297,6 +297,13 @@ def test_publish_refuses_quick_partial_and_other_settings(tmp_path):
     assert not md.startswith(reproduce.SMOKE) and "±" in md and "Pending" not in md
     assert pose["seeds_expected"] == [0, 1, 2, 3, 4] and "| 3 of 5 |" in md  # seeds 3-4 (section 15) not yet there
 
+    # --partial: a row with some of its seeds is published, listed as pending; a row with none is still refused
+    reproduce.publish(cases["partial"][0], rows, dest=str(dest), partial=True)
+    md = (dest / "results.md").read_text()
+    assert "Pending (not all seeds computed): PoSE N=2" in md and "| 2 of 5 |" in md
+    with pytest.raises(reproduce.PublishError, match="randpos"):
+        reproduce.publish(cases["partial"][0], rows + ["randpos"], dest=str(dest), partial=True)
+
     # seeds 3 and 4 join the row when computed
     out = fake_out(tmp_path / "five", design, everything + [("pose-n2", 3), ("pose-n2", 4)])
     reproduce.publish(out, rows, dest=str(dest))
