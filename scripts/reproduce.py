@@ -568,6 +568,11 @@ def fmt_cell(cell, digits=2):
     return f"{fmt_number(cell['mean'], digits)} ± {fmt_number(cell['std'], digits)}"
 
 
+def fmt_values(values):
+    """mean ± sd of values, as a table cell."""
+    return fmt_cell(dict(zip(("mean", "std"), mean_std(values))))
+
+
 def seeds_label(entry):
     if entry["seeds_expected"] == [None]:
         return "base" if entry["seeds_done"] else "pending"
@@ -734,12 +739,11 @@ def long_section(results):
         entry = rows[slug]
         for step in [*step_evals(ROW[slug], s), final]:
             at = [r if step == final else r["by_step"][str(step)] for r in entry["per_seed"].values()]
-            ppl = mean_std([r["ppl"][top]["ppl"] for r in at])
             distances = s["recall"]["distances"]
-            far = mean_std([statistics.fmean([v for d, v in zip(distances, r["recall"]["passkey_accuracy"])
-                                              if d > s["train_len"]]) for r in at])
+            far = [statistics.fmean([v for d, v in zip(distances, r["recall"]["passkey_accuracy"])
+                                     if d > s["train_len"]]) for r in at]
             md.append(f"| {entry['label']} | {seeds_label(entry)} | {step} | "
-                      f"{fmt_cell(dict(zip(('mean', 'std'), ppl)))} | {fmt_cell(dict(zip(('mean', 'std'), far)))} |")
+                      f"{fmt_values([r['ppl'][top]['ppl'] for r in at])} | {fmt_values(far)} |")
     return md + [""]
 
 
@@ -754,9 +758,6 @@ def extreme_section(results):
     distances = [d for d in ext["distances"] if any(d in r["extended"]["distances"] for slug in done
                                                     for r in rows[slug]["per_seed"].values())]
 
-    def cell(values):
-        return fmt_cell(dict(zip(("mean", "std"), mean_std(values))))
-
     def far_passkey(r):  # the primary metric: passkey accuracy over the extended distances
         return statistics.fmean(r["extended"]["recall"]["passkey_accuracy"])
 
@@ -768,9 +769,9 @@ def extreme_section(results):
           " | ".join(f"passkey d={d}" for d in distances) + " |", "|" + "---|" * (2 + len(ctxs) + len(distances))]
     for slug in done:
         entry, per_seed = rows[slug], rows[slug]["per_seed"].values()
-        cells = [cell([r["extended"]["ppl"][str(c)]["ppl"] for r in per_seed if str(c) in r["extended"]["ppl"]])
+        cells = [fmt_values([r["extended"]["ppl"][str(c)]["ppl"] for r in per_seed if str(c) in r["extended"]["ppl"]])
                  for c in ctxs]
-        cells += [cell([v for r in per_seed for dd, v in zip(r["extended"]["distances"],
+        cells += [fmt_values([v for r in per_seed for dd, v in zip(r["extended"]["distances"],
                                                              r["extended"]["recall"]["passkey_accuracy"]) if dd == d])
                   for d in distances]
         md.append(f"| {entry['label']} | {seeds_label(entry)} | " + " | ".join(cells) + " |")
@@ -785,7 +786,7 @@ def extreme_section(results):
         a, seeds = rows[pose], [str(x) for x in required_seeds(ROW[pose], s)]
         ready = lambda e: e is not None and all(x in e["per_seed"] for x in seeds)  # noqa: E731
         b, n2 = rows.get(base), rows.get("pose-n2")
-        far = str(max(ctxs))  # the target (--quick: where its extended evaluation stops)
+        far = str(min(ROW[pose].target, max(ctxs)))  # the target (--quick: where its extended evaluation stops)
         comparisons = [
             (f"{a['label']} - {base}", "passkey accuracy, extended distances", b,
              lambda x: far_passkey(a["per_seed"][x]) - far_passkey(b["per_seed"]["base"])),
@@ -820,9 +821,8 @@ def recall_sections(results):
     for slug in done:
         entry = rows[slug]
         cells = [fmt_cell(c) for c in entry["summary"]["recall"]["passkey_accuracy"]]
-        far = mean_std([beyond_window(entry, s, "passkey_nll", seed) for seed in entry["per_seed"]])
-        md.append(f"| {entry['label']} | {seeds_label(entry)} | " + " | ".join(cells) +
-                  f" | {fmt_cell(dict(zip(('mean', 'std'), far)))} |")
+        far = [beyond_window(entry, s, "passkey_nll", seed) for seed in entry["per_seed"]]
+        md.append(f"| {entry['label']} | {seeds_label(entry)} | " + " | ".join(cells) + f" | {fmt_values(far)} |")
     md += ["", "![recall](recall.png)", "", "## Do the skips matter? PoSE minus PI-no-skips, paired by seed", "",
            f"Decision rule (DESIGN.md sections 14 and 15): a finding when every seed has the same sign and "
            f"|paired t| > {T_CRITICAL[3]} (3 seeds) or {T_CRITICAL[5]} (5 seeds).", "",

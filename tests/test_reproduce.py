@@ -410,6 +410,15 @@ def test_extreme_rows_rule(tmp_path):
     line = next(x for x in section.splitlines() if "PoSE N=2 | ppl at 2048" in x)
     assert ", ".join(f"{d:+.3f}" for d in diffs) in line
     assert "PoSE N=2, to 32768" not in section  # rows not asked for are not shown
+    # with the 32k rows too: each comparison at its own target, the longer columns empty for the 16k rows
+    more = [("yarn-only-32k", None)] + [("pose-32k", s) for s in range(3)]
+    fake_out(out, design, more)
+    _, md = reproduce.write_results(out, design, slugs + ["pose-32k", "yarn-only-32k"])
+    section = md.split("## Extreme extension, up to the target")[1]
+    assert "| ppl 32768 |" in section and "| passkey d=24576 |" in section
+    assert "yarn-only-16k | ppl at 16384 |" in section and "yarn-only-32k | ppl at 32768 |" in section
+    row16 = next(x for x in section.splitlines() if x.startswith("| PoSE N=2, to 16384"))
+    assert row16.endswith("| - |")  # no d=24576 for a 16k row
 
 
 def test_extended_evaluation_on_the_bundled_base(tmp_path):
