@@ -693,15 +693,17 @@ def beyond_window(entry, settings, metric, seed):
 def verdict(diffs):
     """Mean, paired t and the decision rule's verdict (sections 14-16) of per-seed differences."""
     m, sd = mean_std(diffs)
+    if len(diffs) < 2:  # one seed (a --quick run): no t, never a finding
+        return dict(diffs=diffs, mean=m, t=None, finding=False)
     t = m / (sd / math.sqrt(len(diffs))) if sd else (math.inf if m else 0.0)
     same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
-    return dict(diffs=diffs, mean=m, t=t, finding=same_sign and abs(t) > T_CRITICAL.get(len(diffs), math.inf))
+    return dict(diffs=diffs, mean=m, t=t, finding=same_sign and abs(t) > T_CRITICAL[len(diffs)])
 
 
 def verdict_cells(v):
     if v is None:
         return ["pending"] * 4
-    return [", ".join(f"{d:+.3f}" for d in v["diffs"]), f"{v['mean']:+.3f}", f"{v['t']:.2f}",
+    return [", ".join(f"{d:+.3f}" for d in v["diffs"]), f"{v['mean']:+.3f}", fmt_number(v["t"]),
             "yes" if v["finding"] else "no"]
 
 
