@@ -41,7 +41,6 @@ sys.path.insert(0, HERE)
 import cli  # noqa: E402
 from reproduce import (git_state, mean_std, read_json, row_dir, write_atomically, write_json,  # noqa: E402
                        write_text)
-from reproduce import required_seeds as seeds_of  # noqa: E402  the design's seeds; none for a row that does not train
 
 RESULTS = os.path.join(ROOT, "results", "smollm2")
 PUBLISHED = ("results.json", "results.md", "recall.png", "ppl.png")
@@ -55,6 +54,11 @@ class Row(NamedTuple):
     train: tuple = ()  # train.py's own arguments; () = no training
     rope: str = ""  # the base's rotary scaling when the row does not train
     passkey: bool = True  # the passkey part (the design's four rows; the two other interpolations skip it)
+
+
+def seeds_of(row, settings):
+    """The design's seeds; none for a row that does not train."""
+    return list(settings["seeds"]) if row.train else [None]
 
 
 ROWS = (
