@@ -254,6 +254,11 @@ def row_dir(out, row, seed):
     return os.path.join(out, row.slug) if seed is None else os.path.join(out, row.slug, f"seed{seed}")
 
 
+def eval_path(out, row, seed):
+    """A row-seed's eval.json: it exists once the row-seed is done."""
+    return os.path.join(row_dir(out, row, seed), "eval.json")
+
+
 def git_state():
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -296,13 +301,16 @@ def read_json(path):
 _EVAL_DOCS = {}
 
 
-def eval_docs(settings, tokenizer):
+def eval_docs(settings, tokenizer, n_docs=None, max_tokens=None, min_tokens=None):
+    """The first held-out plays (default: section 8's: ppl_docs of them, of >= the largest ctx tokens, cut to
+    ppl_max_tokens), cached per process."""
     import data
-    key = (settings["ppl_docs"], settings["ppl_max_tokens"], max(settings["ctx"]))
+    n_docs, max_tokens = n_docs or settings["ppl_docs"], max_tokens or settings["ppl_max_tokens"]
+    min_tokens = min_tokens or max(settings["ctx"])
+    key = (n_docs, max_tokens, min_tokens)
     if key not in _EVAL_DOCS:
-        corpus = data.load_corpus(os.path.join(ROOT, settings["eval_data"]), tokenizer, min_tokens=max(settings["ctx"]))
-        _EVAL_DOCS[key] = [corpus[i][:settings["ppl_max_tokens"]] for i in range(min(settings["ppl_docs"],
-                                                                                     len(corpus)))]
+        corpus = data.load_corpus(os.path.join(ROOT, settings["eval_data"]), tokenizer, min_tokens=min_tokens)
+        _EVAL_DOCS[key] = [corpus[i][:max_tokens] for i in range(min(n_docs, len(corpus)))]
     return _EVAL_DOCS[key]
 
 
@@ -390,7 +398,6 @@ def evaluate_extended(model, tokenizer, settings, target, folder):
     """An extreme row's evaluation up to its target (DESIGN.md section 16), kept in folder/extended.json once done:
     perplexity on the first plays cut to the target, at ctx window x 2^k, in windows that tile them; the passkey at
     the fixed distances of at most 3/4 of the target (prompts up to the target). --quick stops at 4096 tokens."""
-    import data
     import evaluate
     import recall
 
@@ -399,8 +406,7 @@ def evaluate_extended(model, tokenizer, settings, target, folder):
         return read_json(path)
     ext = EXTENDED_QUICK if settings["mode"] == "quick" else EXTENDED
     top = min(target, ext["max_tokens"] or target)
-    corpus = data.load_corpus(os.path.join(ROOT, settings["eval_data"]), tokenizer, min_tokens=top)
-    docs = [corpus[i][:top] for i in range(min(ext["ppl_docs"], len(corpus)))]
+    docs = eval_docs(settings, tokenizer, ext["ppl_docs"], top, top)
     ppl, ctx = {}, settings["train_len"]
     while ctx <= top:
         r = evaluate.perplexity(model, docs, ctx, ctx - 1)
@@ -449,7 +455,7 @@ def run_row_seed(slug, seed, settings, out, threads=1):
 
     row = ROW[slug]
     folder = row_dir(out, row, seed)
-    path = os.path.join(folder, "eval.json")
+    path = eval_path(out, row, seed)
     if os.path.isfile(path):
         return path
     os.makedirs(folder, exist_ok=True)
@@ -513,7 +519,7 @@ def collect(out, settings, slugs):
         expected = seeds_of(row, settings)
         per_seed = {}
         for seed in expected:
-            path = os.path.join(row_dir(out, row, seed), "eval.json")
+            path = eval_path(out, row, seed)
             if os.path.isfile(path):
                 result = read_json(path)
                 if result.get("settings") != settings:
@@ -584,7 +590,8 @@ def table(results, slugs, paper):
     """One results table; `paper` names the paper's table whose numbers stand beside ours (None: no paper column)."""
     s = results["settings"]
     head = ["row", "seeds"] + [f"ppl {c}" for c in s["ctx"]] + [f"passkey {n}" for n in s["passkey_lengths"]] + \
-        ["s/step"] + ([f"paper ppl 2k / 4k / 8k / 16k ({PAPER_SOURCE[paper]})", "paper passkey (text)"] if paper else [])
+        ["s/step"] + ([f"paper ppl 2k / 4k / 8k / 16k ({PAPER_SOURCE[paper]})", "paper passkey (text)"]
+                      if paper else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for slug in slugs:
         if slug not in results["rows"]:
@@ -755,10 +762,10 @@ def extreme_section(results):
     done = [slug for slug in rows if ROW[slug].target and rows[slug]["per_seed"]]
     if not done:
         return []
-    ext = next(iter(rows[done[0]]["per_seed"].values()))["extended"]["settings"]
-    ctxs = sorted({int(c) for slug in done for r in rows[slug]["per_seed"].values() for c in r["extended"]["ppl"]})
-    distances = [d for d in ext["distances"] if any(d in r["extended"]["distances"] for slug in done
-                                                    for r in rows[slug]["per_seed"].values())]
+    extended = [r["extended"] for slug in done for r in rows[slug]["per_seed"].values()]
+    ext = extended[0]["settings"]
+    ctxs = sorted({int(c) for e in extended for c in e["ppl"]})
+    distances = sorted({d for e in extended for d in e["distances"]})
 
     def far_passkey(r):  # the primary metric: passkey accuracy over the extended distances
         return statistics.fmean(r["extended"]["recall"]["passkey_accuracy"])
@@ -786,22 +793,22 @@ def extreme_section(results):
         if pose not in rows:
             continue
         a, seeds = rows[pose], [str(x) for x in required_seeds(ROW[pose], s)]
-        ready = lambda e: e is not None and all(x in e["per_seed"] for x in seeds)  # noqa: E731
         b, n2 = rows.get(base), rows.get("pose-n2")
         far = str(min(ROW[pose].target, max(ctxs)))  # the target (--quick: where its extended evaluation stops)
-        comparisons = [
-            (f"{a['label']} - {base}", "passkey accuracy, extended distances", b,
+        comparisons = [  # (name, metric, the other row, the seeds it needs, the per-seed difference)
+            (f"{a['label']} - {base}", "passkey accuracy, extended distances", b, ["base"],
              lambda x: far_passkey(a["per_seed"][x]) - far_passkey(b["per_seed"]["base"])),
-            (f"{a['label']} - {base}", f"ppl at {far}", b,
+            (f"{a['label']} - {base}", f"ppl at {far}", b, ["base"],
              lambda x: a["per_seed"][x]["extended"]["ppl"][far]["ppl"] -
              b["per_seed"]["base"]["extended"]["ppl"][far]["ppl"]),
-            (f"{a['label']} - PoSE N=2", "ppl at 256", n2,
+            (f"{a['label']} - PoSE N=2", "ppl at 256", n2, seeds,
              lambda x: a["per_seed"][x]["ppl"]["256"]["ppl"] - n2["per_seed"][x]["ppl"]["256"]["ppl"]),
-            (f"{a['label']} - PoSE N=2", f"ppl at {top}", n2,
+            (f"{a['label']} - PoSE N=2", f"ppl at {top}", n2, seeds,
              lambda x: a["per_seed"][x]["ppl"][top]["ppl"] - n2["per_seed"][x]["ppl"][top]["ppl"]),
         ]
-        for name, metric, other, diff in comparisons:
-            ok = ready(a) and (ready(other) if other is n2 else bool(other and other["per_seed"]))
+        for name, metric, other, needs, diff in comparisons:
+            ok = all(e is not None and all(x in e["per_seed"] for x in keys)
+                     for e, keys in ((a, seeds), (other, needs)))
             v = verdict([diff(x) for x in seeds]) if ok else None
             md.append(f"| {name} | {metric} | " + " | ".join(verdict_cells(v)) + " |")
     return md + [""]
@@ -950,13 +957,13 @@ def publish(out, slugs, dest=RESULTS, partial=False):
         raise PublishError(f"{out} is a --quick run: smoke runs are never published")
     if settings != design_settings():
         raise PublishError(f"{out} was run with settings other than results/toy/DESIGN.md's: not published")
-    missing = [f"{slug} seed {seed}" if seed is not None else slug for slug in slugs
-               for seed in required_seeds(ROW[slug], settings)
-               if not os.path.isfile(os.path.join(row_dir(out, ROW[slug], seed), "eval.json"))]
-    if partial:
-        missing = [slug for slug in slugs if not any(os.path.isfile(os.path.join(row_dir(out, ROW[slug], seed),
-                                                                                "eval.json"))
-                                                     for seed in required_seeds(ROW[slug], settings))]
+    missing = []
+    for slug in slugs:
+        absent = [seed for seed in required_seeds(ROW[slug], settings)
+                  if not os.path.isfile(eval_path(out, ROW[slug], seed))]
+        if partial:
+            absent = [] if len(absent) < len(required_seeds(ROW[slug], settings)) else [None]
+        missing += [slug if seed is None else f"{slug} seed {seed}" for seed in absent]
     if missing:
         raise PublishError(f"not computed in {out}: {', '.join(missing)}; run scripts/reproduce.py for them first, "
                            f"or publish only finished rows with --rows")
@@ -992,7 +999,7 @@ def restore(out, path):
     for slug, entry in published["rows"].items():
         for key, result in entry["per_seed"].items():
             seed = None if key == "base" else int(key)
-            eval_json = os.path.join(row_dir(out, ROW[slug], seed), "eval.json")
+            eval_json = eval_path(out, ROW[slug], seed)
             if not os.path.isfile(eval_json):
                 os.makedirs(os.path.dirname(eval_json), exist_ok=True)
                 write_json(eval_json, {"row": slug, "label": entry["label"], "seed": seed, "settings": settings,
@@ -1108,13 +1115,13 @@ def main(argv=None):
             if seed is None or seed in args.seeds]
     jobs.sort(key=lambda job: -1 if job[1] is None else job[1])  # seed-major: the rows of a seed finish together
     todo = [(slug, seed) for slug, seed in jobs
-            if not os.path.isfile(os.path.join(row_dir(args.out, ROW[slug], seed), "eval.json"))]
+            if not os.path.isfile(eval_path(args.out, ROW[slug], seed))]
     print(f"{args.out}: {len(jobs) - len(todo)} of {len(jobs)} row-seeds done, {len(todo)} to compute "
           f"({settings['mode']} settings, --jobs {args.jobs})", flush=True)
     t_start = time.perf_counter()
 
     def finished(slug, seed):
-        path = os.path.join(row_dir(args.out, ROW[slug], seed), "eval.json")
+        path = eval_path(args.out, ROW[slug], seed)
         r = read_json(path)
         ppl = " ".join(f"{v['ppl']:.1f}" for v in r["ppl"].values())
         acc = " ".join(f"{v:.2f}" for v in r["passkey"].values())
