@@ -74,6 +74,14 @@ def check_plot_path(flag, path):
         raise UsageError(f"{flag}: unsupported file extension '.{ext}', use one of {', '.join(sorted(formats))}")
 
 
+def check_outputs(args):
+    """check_out_path for --json and check_plot_path for --plot, where given."""
+    if getattr(args, "json", None):
+        check_out_path("--json", args.json)
+    if getattr(args, "plot", None):
+        check_plot_path("--plot", args.plot)
+
+
 def add_threads(parser):
     """--threads N: CPU threads of torch and of the tokenizer; apply it with set_threads(args.threads)."""
     def count(text):

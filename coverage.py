@@ -328,10 +328,7 @@ def parse_args(argv=None):
     if args.seed < 0:
         p.error(f"--seed must be >= 0, got {args.seed}")
     try:
-        if args.json:
-            cli.check_out_path("--json", args.json)
-        if args.plot:
-            cli.check_plot_path("--plot", args.plot)
+        cli.check_outputs(args)
     except cli.UsageError as e:
         p.error(str(e))
     return args

@@ -180,8 +180,7 @@ def parse_args(argv=None):
     try:
         for spec in args.rope:
             scaling_from_spec(spec, 2048)  # syntax only: the original window is the model's, known once loaded
-        if args.json:
-            cli.check_out_path("--json", args.json)
+        cli.check_outputs(args)
     except ValueError as e:
         p.error(str(e))
     args.device = args.device or cli.default_device()

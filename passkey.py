@@ -309,10 +309,7 @@ def parse_args(argv=None):
         if args.original_len is not None:
             cli.positive("--original-len", args.original_len)
         scaling_from_spec(args.rope, 2048)  # syntax only: the original window is the model's
-        if args.json:
-            cli.check_out_path("--json", args.json)
-        if args.plot:
-            cli.check_plot_path("--plot", args.plot)
+        cli.check_outputs(args)
     except ValueError as e:
         p.error(str(e))
     args.device = args.device or cli.default_device()

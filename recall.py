@@ -438,10 +438,7 @@ def parse_args(argv=None):
             cli.positive("--original-len", args.original_len)
         for spec in args.rope:
             scaling_from_spec(spec, 2048)  # syntax only
-        if args.json:
-            cli.check_out_path("--json", args.json)
-        if args.plot:
-            cli.check_plot_path("--plot", args.plot)
+        cli.check_outputs(args)
     except ValueError as e:
         p.error(str(e))
     args.device = args.device or cli.default_device()
