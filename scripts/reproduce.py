@@ -26,15 +26,16 @@ Work and cache live under --out only, never read from results/: one directory pe
 training run in run/, eval.json once evaluated; OUT/ROW for a row without training). A row-seed with eval.json is
 done and skipped; an interrupted training resumes from its last checkpoint (train.py --resume). After every
 finished row-seed, OUT/results.json (settings, git commit, per-seed numbers, passkey records, census, cost) and
-OUT/results.md with the plots (ppl.png, passkey.png, passkey_depth.png) are rewritten, pending rows marked so.
+OUT/results.md with the plots (ppl.png, passkey.png, passkey_depth.png, recall.png) are rewritten, pending rows
+marked so.
 
---publish computes nothing: it copies the results of the rows printed (--rows, default all) to results/toy/, and
-only when OUT was run with the design's settings (not --quick) and every printed row has its design seeds 0-2 there
-(seeds 3-4 of the main trio, DESIGN.md section 15, join when computed); otherwise it is an error and results/ is
-untouched; with --partial, rows with some of their seeds are published too, listed as pending (their decisions
-are read only once every seed is there). Design v2 publishes into results/toy/v2/; results/toy/*.json|md are v1's
-(no recall; the token-matched row at replay weight 2/3), kept until v2 has every row. Nothing else ever writes
-under results/.
+--publish computes nothing: it copies the results of the rows printed (--rows, default the design's) to
+results/toy/, and only when OUT was run with the design's settings (not --quick) and every printed row has its
+design seeds 0-2 there (seeds 3-4 of the main trio, DESIGN.md section 15, join when computed); otherwise it is an
+error and results/ is untouched; with --partial, rows with some of their seeds are published too, listed as pending (their decisions
+are read only once every seed is there). The published run is design v2's; design v1's (no recall; the
+token-matched row at replay weight 2/3) stays in results/toy/v1/ as it was published. Nothing else ever writes under
+results/.
 
 --restore RESULTS_JSON computes nothing either: it writes each row-seed of a published results.json into OUT as
 its eval.json (the numbers as published), so that a fresh machine adds rows to a published run without
@@ -75,7 +76,7 @@ BASE = "assets/tiny"  # paths relative to ROOT
 TRAIN_DATA = "assets/books/train"
 EVAL_DATA = "assets/books/eval"
 REPLAY = "assets/replay/passkey-256.npz"
-RESULTS = os.path.join(ROOT, "results", "toy", "v2")  # where --publish writes (DESIGN.md section 14)
+RESULTS = os.path.join(ROOT, "results", "toy")  # where --publish writes (design v2; v1 is in results/toy/v1)
 PUBLISHED = ("results.json", "results.md", "ppl.png", "passkey.png", "passkey_depth.png", "recall.png")
 SMOKE = "SMOKE RUN (--quick): not results"
 
@@ -118,12 +119,13 @@ ROWS = (  # DESIGN section 7, in the order they run: no training first, then the
     Row("pi-ntk", "PI fine-tuned, no skips, NTK", ("--method", "pi", "--rope", "ntk")),
     Row("pose-relative", "PoSE, ramp 4 / 0.125", ("--method", "pose", "--rope", RELATIVE)),
     Row("pi-relative", "PI fine-tuned, no skips, ramp 4 / 0.125", ("--method", "pi", "--rope", RELATIVE)),
-    Row("pose-n3", "PoSE N=3", ("--method", "pose", "--chunks", "3", "--rope", YARN)),
+    # trimmed from design v2 (DESIGN.md section 16): optional, their v1 numbers are published in results/toy/v1
+    Row("pose-n3", "PoSE N=3", ("--method", "pose", "--chunks", "3", "--rope", YARN), optional=True),
     Row("pose-contiguous", "PoSE, content contiguous (v_i = 0)", ("--method", "pose", "--content", "contiguous",
-                                                                  "--rope", YARN)),
+                                                                  "--rope", YARN), optional=True),
     Row("pose-aligned", "PoSE, content aligned (v_i = u_i)", ("--method", "pose", "--content", "aligned",
-                                                              "--rope", YARN)),
-    Row("direct", "Direct fine-tuning (PI paper)", ("--method", "full", "--rope", "none")),
+                                                              "--rope", YARN), optional=True),
+    Row("direct", "Direct fine-tuning (PI paper)", ("--method", "full", "--rope", "none"), optional=True),
     Row("full-linear", "Full-length, linear", ("--method", "full", "--rope", "linear"), optional=True),
     Row("full-ntk", "Full-length, NTK", ("--method", "full", "--rope", "ntk"), optional=True),
     Row("pose-linear-1k", "PoSE, linear, 1000 steps", ("--method", "pose", "--rope", "linear"), long=True),
@@ -671,7 +673,9 @@ def markdown(results):
         f"{s['passkey_trials']} trials per length, the same prompts (seed {s['passkey_seed']}) for every model, greedy "
         f"exact match. Cells: mean ± sample standard deviation over the seeds (one number: one seed, or no training). "
         f"s/step: median optimizer-step time of the training run (shared 2-core CPU; the load is in the cost table). "
-        f"Paper: LLaMA-7B 2k -> 16k, GovReport; its passkey numbers are only what its text says (section 4.3).", ""]
+        f"Paper: LLaMA-7B 2k -> 16k, GovReport; its passkey numbers are only what its text says (section 4.3). "
+        f"Rows trimmed from v2 (DESIGN.md section 16: Direct fine-tuning, PoSE N=3, PoSE content contiguous and "
+        f"aligned): their v1 numbers are in results/toy/v1/results.md.", ""]
     if pending:
         md += [f"Pending (not all seeds computed): {', '.join(pending)}.", ""]
     for title, paper, slugs in TABLES:

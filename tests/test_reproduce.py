@@ -179,8 +179,9 @@ def test_rows_and_settings(capsys):
     args, _ = reproduce.parse_args(["--quick"])
     assert args.rows == [r.slug for r in reproduce.ROWS] and args.out.endswith("reproduce-quick")
     args, _ = reproduce.parse_args([])
-    assert "full-linear" not in args.rows and "direct" in args.rows and args.out.endswith(os.path.join("out",
-                                                                                                     "reproduce"))
+    assert "full-linear" not in args.rows and "direct" not in args.rows and "pose-linear-1k" in args.rows  # v2's rows
+    assert args.out.endswith(os.path.join("out", "reproduce"))
+    assert reproduce.parse_args(["--rows", "all"])[0].rows == [r.slug for r in reproduce.ROWS]
     # the train.py arguments of every row resolve, and every row trains with the designed replay weight (DESIGN.md
     # sections 5 and 14: 0.2, the token-matched Full-length row's batch of 2 included), as train.py resolves it
     for row in reproduce.ROWS:
