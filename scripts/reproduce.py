@@ -32,10 +32,10 @@ marked so.
 --publish computes nothing: it copies the results of the rows printed (--rows, default the design's) to
 results/toy/, and only when OUT was run with the design's settings (not --quick) and every printed row has its
 design seeds 0-2 there (seeds 3-4 of the main trio, DESIGN.md section 15, join when computed); otherwise it is an
-error and results/ is untouched; with --partial, rows with some of their seeds are published too, listed as pending (their decisions
-are read only once every seed is there). The published run is design v2's; design v1's (no recall; the
-token-matched row at replay weight 2/3) stays in results/toy/v1/ as it was published. Nothing else ever writes under
-results/.
+error and results/ is untouched; with --partial, rows with some of their seeds are published too, listed as
+pending (their decisions are read only once every seed is there). The published run is design v2's; design v1's
+(no recall; the token-matched row at replay weight 2/3) stays in results/toy/v1/ as it was published. Nothing else
+ever writes under results/.
 
 --restore RESULTS_JSON computes nothing either: it writes each row-seed of a published results.json into OUT as
 its eval.json (the numbers as published), so that a fresh machine adds rows to a published run without
