@@ -678,9 +678,11 @@ def markdown(results):
         f"aligned): their v1 numbers are in results/toy/v1/results.md.", ""]
     if pending:
         md += [f"Pending (not all seeds computed): {', '.join(pending)}.", ""]
+    shown = set()
     for title, paper, slugs in TABLES:
-        if any(slug in rows for slug in slugs):
+        if any(slug in rows and slug not in shown for slug in slugs):  # not a table of rows shown above only
             md += [f"## {title}", "", table(results, slugs, paper), ""]
+            shown.update(slugs)
     md += recall_sections(results) + long_section(results) + extreme_section(results)
     md += ["![perplexity](ppl.png) ![passkey](passkey.png)", "",
            f"Passkey accuracy by key depth ({s['depth_bins']} bins of the filler) and length, trials pooled over the "
