@@ -339,6 +339,8 @@ def test_quick_results_are_labelled(tmp_path):
     _, md = reproduce.write_results(out, quick, ["original", "pose-n2", "randpos"])
     assert md.startswith(reproduce.SMOKE) and open(os.path.join(out, "results.md")).read() == md
     assert "Pending (not all seeds computed): RandPos" in md
+    # PoSE N=2 heads the methods table; the chunk-content table, which would hold it alone, is left out
+    assert "## Methods" in md and "## Chunk content" not in md
     with pytest.raises(SystemExit):  # a --out keeps its settings
         reproduce.check_out(out, reproduce.design_settings())
 
