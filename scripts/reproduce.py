@@ -119,7 +119,7 @@ ROWS = (  # DESIGN section 7, in the order they run: no training first, then the
     Row("pi-ntk", "PI fine-tuned, no skips, NTK", ("--method", "pi", "--rope", "ntk")),
     Row("pose-relative", "PoSE, ramp 4 / 0.125", ("--method", "pose", "--rope", RELATIVE)),
     Row("pi-relative", "PI fine-tuned, no skips, ramp 4 / 0.125", ("--method", "pi", "--rope", RELATIVE)),
-    # trimmed from design v2 (DESIGN.md section 16): optional, their v1 numbers are published in results/toy/v1
+    # TRIMMED from design v2 (DESIGN.md section 16): optional, their v1 numbers are published in results/toy/v1
     Row("pose-n3", "PoSE N=3", ("--method", "pose", "--chunks", "3", "--rope", YARN), optional=True),
     Row("pose-contiguous", "PoSE, content contiguous (v_i = 0)", ("--method", "pose", "--content", "contiguous",
                                                                   "--rope", YARN), optional=True),
@@ -140,6 +140,7 @@ ROWS = (  # DESIGN section 7, in the order they run: no training first, then the
     Row("yarn-only-32k", "YaRN-only, 128x", rope=YARN_AT.format(128), target=32768),
 )
 ROW = {r.slug: r for r in ROWS}
+TRIMMED = ("pose-n3", "pose-contiguous", "pose-aligned", "direct")
 # DESIGN.md section 16: the extreme rows' evaluation up to their target, besides every row's; a constant, not a
 # key of the settings, so that the runs made before it keep their settings. --quick stops it at 4096 tokens.
 EXTENDED = dict(ppl_docs=3, distances=[3072, 6144, 12288, 24576], trials=10, seed=0, max_tokens=None)
@@ -673,9 +674,10 @@ def markdown(results):
         f"{s['passkey_trials']} trials per length, the same prompts (seed {s['passkey_seed']}) for every model, greedy "
         f"exact match. Cells: mean ± sample standard deviation over the seeds (one number: one seed, or no training). "
         f"s/step: median optimizer-step time of the training run (shared 2-core CPU; the load is in the cost table). "
-        f"Paper: LLaMA-7B 2k -> 16k, GovReport; its passkey numbers are only what its text says (section 4.3). "
-        f"Rows trimmed from v2 (DESIGN.md section 16: Direct fine-tuning, PoSE N=3, PoSE content contiguous and "
-        f"aligned): their v1 numbers are in results/toy/v1/results.md.", ""]
+        f"Paper: LLaMA-7B 2k -> 16k, GovReport; its passkey numbers are only what its text says (section 4.3)."
+        + ("" if any(slug in rows for slug in TRIMMED) else
+           " Rows trimmed from v2 (DESIGN.md section 16: Direct fine-tuning, PoSE N=3, PoSE content contiguous and "
+           "aligned): their v1 numbers are in results/toy/v1/results.md."), ""]
     if pending:
         md += [f"Pending (not all seeds computed): {', '.join(pending)}.", ""]
     shown = set()
