@@ -246,11 +246,11 @@ def seeds_of(row, settings):
 
 
 def required_seeds(row, settings):
-    """The seeds a row must have to be published: the design's, seed 0 only for a long row (DESIGN.md section 16);
-    a row's extra seeds are added when they exist."""
+    """The seeds a row must have to be published: the design's (for a long row since DESIGN.md section 17; section 16
+    had seed 0 only); a row's extra seeds are added when they exist."""
     if not row.train:
         return [None]
-    return list(settings["seeds"][:1] if row.long else settings["seeds"])
+    return list(settings["seeds"])
 
 
 def row_dir(out, row, seed):

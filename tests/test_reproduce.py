@@ -3,6 +3,7 @@ method, the answer-target census, and scripts/reproduce.py's refusal to publish 
 import hashlib
 import json
 import os
+import statistics
 import sys
 import zlib
 
@@ -192,8 +193,8 @@ def test_rows_and_settings(capsys):
             assert (a.steps, a.save_every, a.keep) == ((1000, 50, 20) if row.long else (100, 25, 2)), row.slug
             assert all(step % a.save_every == 0 for step in reproduce.step_evals(row, design)), row.slug
     assert reproduce.step_evals(reproduce.ROW["pose-linear-1k"], design) == [100, 250, 500]
-    # DESIGN.md section 16: the long rows run seed 0 only; the extreme rows train to their own target
-    assert reproduce.seeds_of(reproduce.ROW["pose-linear-1k"], design) == [0]
+    # DESIGN.md section 17: the long rows run seeds 0-2; the extreme rows train to their own target
+    assert reproduce.seeds_of(reproduce.ROW["pose-linear-1k"], design) == [0, 1, 2]
     for slug, target in (("pose-16k", 16384), ("pose-32k", 32768)):
         a = run_settings.from_command_line(reproduce.row_train_args(reproduce.ROW[slug], design, 0, ROOT), world=1,
                                            device="cpu")
@@ -355,9 +356,10 @@ def test_long_rows_are_reported_by_step(tmp_path):
     lines = section.splitlines()[2:]
     assert [line.split(" | ")[2] for line in lines] == ["100", "250", "500", "1000"] * 2
     per_seed = results["rows"]["pose-linear-1k"]["per_seed"]
-    assert sorted(per_seed) == ["0"]  # seed 0 only (DESIGN.md section 16): seeds 1-2 on disk are not read
-    assert f"| 1 | 250 | {per_seed['0']['by_step']['250']['ppl']['2048']['ppl']:.2f} |" in lines[1]
-    reproduce.publish(out, slugs, dest=str(tmp_path / "published"))  # seed 0 is all a long row needs
+    assert sorted(per_seed) == ["0", "1", "2"]  # seeds 0-2 (DESIGN.md section 17)
+    mean = statistics.fmean(r["by_step"]["250"]["ppl"]["2048"]["ppl"] for r in per_seed.values())
+    assert f"| 3 | 250 | {mean:.2f} ± " in lines[1]
+    reproduce.publish(out, slugs, dest=str(tmp_path / "published"))
 
 
 def test_restore_then_publish_gives_the_published_rows(tmp_path):
