@@ -155,18 +155,33 @@ class Block(nn.Module):
 
 class KVCache:
     """Rotated keys and values of the tokens read so far, per layer: greedy decoding reads a prompt once, then one
-    token per step (passkey.py). Inference only."""
+    token per step (passkey.py). Inference only.
 
-    def __init__(self, n_layers):
-        self.keys, self.values = [None] * n_layers, [None] * n_layers  # (B, nkv, length, hd) each
+    The buffers are allocated once, for max_len tokens, and each step writes its keys and values in place after the
+    cached ones. Appending with torch.cat would copy the whole cache at every decoded token and layer."""
+
+    def __init__(self, n_layers, batch, n_kv_heads, head_dim, max_len, dtype=torch.float32, device="cpu"):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len = max_len
         self.length = 0  # tokens cached; the next token's position by default
 
+    @classmethod
+    def for_model(cls, model, max_len, batch=1):
+        """A cache for `model`'s layers and key-value heads, in the dtype and on the device of its weights."""
+        cfg, weight = model.cfg, model.embed_tokens.weight
+        return cls(cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim, max_len, weight.dtype, weight.device)
+
     def update(self, layer, k, v):
-        """Append this step's keys and values (B, nkv, T, hd) for `layer`; returns everything cached for it."""
-        if self.keys[layer] is not None:
-            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        """Write this step's keys and values (B, nkv, T, hd) for `layer` after the cached ones; returns views of
+        everything cached for it, (B, nkv, length + T, hd)."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} tokens, {end} do not fit")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

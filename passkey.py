@@ -106,14 +106,17 @@ class Decoder:
     Dynamic NTK rescales with the sequence length, so cached keys would be stale: it re-reads the whole sequence at
     every step, as use_cache=False does (no cache memory: 16 GB at 32k tokens for LLaMA-7B in bf16)."""
 
-    def __init__(self, model, use_cache=True):
+    def __init__(self, model, use_cache=True, max_new_tokens=8):
         self.model, self.device = model, next(model.parameters()).device
         self.use_cache = use_cache and rope_type(model.cfg.rope_scaling) != "dynamic"
+        self.max_new_tokens = max_new_tokens  # the cache holds the prompt and this many more tokens
         self.ids, self.cache = [], None
 
     def start(self, ids):
         self.ids = list(ids)
-        self.cache = KVCache(self.model.cfg.n_layers) if self.use_cache else None  # frees the previous prompt's
+        self.cache = None  # frees the previous prompt's before the next one is allocated
+        if self.use_cache:
+            self.cache = KVCache.for_model(self.model, len(self.ids) + self.max_new_tokens)
         return self._logits(self.ids)
 
     def step(self, token):
@@ -152,7 +155,7 @@ def run_passkey(model, tokenizer, lengths, trials=50, seed=0, max_new_tokens=8, 
     """One record per trial: length, trial, depth, passkey, prompt_tokens, answer, predicted, correct.
 
     model: a LLaMA, or a decoder (start/step, as Decoder) standing for one."""
-    decoder = Decoder(model, use_cache) if isinstance(model, torch.nn.Module) else model
+    decoder = Decoder(model, use_cache, max_new_tokens) if isinstance(model, torch.nn.Module) else model
     rng = np.random.default_rng(seed)
     records = []
     with cli.progress(len(lengths) * trials, desc="passkey", unit="trial", enabled=progress) as bar:

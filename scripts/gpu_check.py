@@ -561,7 +561,7 @@ class RecordingDecoder:
 
 def decode_recorded(model, prompt_ids, tokenizer, use_cache, max_new_tokens=8):
     """passkey.greedy_answer through passkey.Decoder, with or without the KV cache; returns (answer, steps)."""
-    decoder = RecordingDecoder(passkey.Decoder(model, use_cache=use_cache))
+    decoder = RecordingDecoder(passkey.Decoder(model, use_cache=use_cache, max_new_tokens=max_new_tokens))
     answer = passkey.greedy_answer(decoder, prompt_ids, tokenizer, max_new_tokens)
     return answer, decoder.steps
 

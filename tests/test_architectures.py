@@ -62,7 +62,7 @@ def test_sliding_window_kv_cache_equals_full_forward(tmp_path, one_thread):
     tokens = torch.randint(0, 96, (1, 20))
     with torch.no_grad():
         want = ours(tokens)
-        cache = KVCache(ours.cfg.n_layers)
+        cache = KVCache.for_model(ours, 20)
         got = [ours.lm_head(ours.hidden_states(tokens[:, :9], cache=cache))]
         got += [ours.lm_head(ours.hidden_states(tokens[:, t:t + 1], cache=cache)) for t in range(9, 20)]
         assert rel_err(torch.cat(got, dim=1), want) < 1e-5

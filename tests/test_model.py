@@ -308,21 +308,57 @@ def test_bad_checkpoints(tmp_path, case, match):
         LLaMA.from_pretrained(path)
 
 
-def test_kv_cache_decoding_equals_full_forward(tmp_path):
+class ConcatCache:
+    """The KV cache before preallocation: torch.cat of the cached and the new keys and values at every step. The
+    preallocated cache must give its logits bit for bit."""
+
+    def __init__(self, n_layers):
+        self.keys, self.values, self.length = [None] * n_layers, [None] * n_layers, 0
+
+    def update(self, layer, k, v):
+        if self.keys[layer] is not None:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+def greedy(model, prompt, steps, cache):
+    """Greedy decoding of `steps` tokens after prompt (1, T); returns the tokens and the logits (steps, vocab) that
+    chose them. With a cache the prompt is read once, then one token per step; without (None) every step re-reads
+    the whole sequence."""
+    ids, logits = prompt, []
+    for _ in range(steps):
+        fed = ids if cache is None or cache.length == 0 else ids[:, -1:]
+        logits.append(model.lm_head(model.hidden_states(fed, cache=cache))[0, -1])
+        ids = torch.cat([ids, logits[-1].argmax()[None, None]], dim=1)
+    return ids[0, prompt.shape[1]:].tolist(), torch.stack(logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_greedy_decoding(tmp_path, dtype):
+    """Greedy decoding with the preallocated cache: the tokens of decoding without a cache, the logits of the
+    concatenating cache bit for bit, written in place (the buffers never move)."""
     from model import KVCache
     path, _ = hf_checkpoint(tmp_path, num_key_value_heads=2, rope=ROPES["yarn"])
-    ours = LLaMA.from_pretrained(path)
-    tokens = torch.randint(0, 96, (1, 20))
+    ours = LLaMA.from_pretrained(path, dtype=dtype)
+    prompt = torch.randint(0, 96, (1, 12))
+    cache = KVCache.for_model(ours, 12 + 7)  # the prompt and the 7 tokens fed back (the 8th is not)
+    buffers = [t.data_ptr() for t in cache.keys + cache.values]
     with torch.no_grad():
-        want = ours(tokens)
-        cache = KVCache(ours.cfg.n_layers)
-        got = [ours.lm_head(ours.hidden_states(tokens[:, :12], cache=cache))]
-        for t in range(12, 20):
-            got.append(ours.lm_head(ours.hidden_states(tokens[:, t:t + 1], cache=cache)))
-        assert cache.length == 20
-        assert rel_err(torch.cat(got, dim=1), want) < 1e-5
+        tokens, logits = greedy(ours, prompt, 8, cache)
+        want_tokens, want_logits = greedy(ours, prompt, 8, ConcatCache(ours.cfg.n_layers))
+        full_tokens, full_logits = greedy(ours, prompt, 8, None)
+        assert tokens == want_tokens == full_tokens and len(set(tokens)) > 1
+        assert torch.equal(logits, want_logits)
+        assert rel_err(logits.float(), full_logits.float()) < (1e-5 if dtype == torch.float32 else 3e-2)
+        assert cache.length == 19 and cache.keys[0].dtype == dtype
+        assert [t.data_ptr() for t in cache.keys + cache.values] == buffers
+        with pytest.raises(ValueError, match="holds 19 tokens, 20 do not fit"):
+            ours.hidden_states(prompt[:, :1], cache=cache)
+        cache = KVCache.for_model(ours, 4)
+        ours.hidden_states(prompt[:, :2], cache=cache)
         with pytest.raises(ValueError, match="one token at a time"):
-            ours.hidden_states(tokens[:, :2], cache=cache)
+            ours.hidden_states(prompt[:, 2:4], cache=cache)
 
 
 def test_loss_under_no_grad_computes_no_gradients(tmp_path, monkeypatch):
