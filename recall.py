@@ -36,10 +36,16 @@ Lengths. A distance is measured in sequences of the shortest length of the ladde
 on home ground, so the in-window rows say what the model can do at all before any row beyond it is read as failing at
 length. Each record keeps the length it was measured at.
 
-Output: a table per model on stdout (progress on stderr, a line every 30 s in a log file); --json with, per model, `distances` and the per-distance means
+Effective distance: per task, the largest tested distance d such that every tested distance up to d meets a
+threshold: passkey and multikey accuracy >= 0.5, copy NLL at most half the first-sight NLL (KEY_THRESHOLD,
+COPY_THRESHOLD). It is 0 when even the shortest distance fails.
+
+Output: a table per model on stdout and its effective distances, one line per task (progress on stderr, a line
+every 30 s in a log file); --json with, per model, `distances` and the per-distance means
 `first_nll`, `copy_nll`, `copy_ratio`, `copy_accuracy`, `passkey_accuracy`, `passkey_nll`, `multikey_accuracy` (lists
-aligned with `distances`, null where a task was skipped), and every probe and trial; --plot draws each metric against
-distance, the original window and the supported window marked.
+aligned with `distances`, null where a task was skipped), `effective_distance` ({task: d}), and every probe (with its
+`sequence`) and trial; --plot draws each metric against distance, the original window and the supported window
+marked.
 """
 import json
 import os
@@ -83,6 +89,7 @@ class CopySequence(NamedTuple):
     ids: np.ndarray  # (length,) int64, the start token first
     probes: list
     filler: int  # where the filler was taken from, in the held-out stream
+    name: str = ""  # "LENGTH/DRAW/K": copy_sequences' draw DRAW of that length, K > 0 for its further sequences
 
 
 def held_out_stream(corpus):
@@ -90,10 +97,10 @@ def held_out_stream(corpus):
     return np.concatenate([np.asarray(corpus[i][1:], dtype=np.int64) for i in range(len(corpus))])
 
 
-def copy_sequence(stream, start_id, length, distances, passage, rng):
-    """One sequence of `length` tokens: the start token, then filler from a random place of `stream`, with as many
-    of `distances` as fit (in random order) each as a probe: a passage of `passage` tokens from elsewhere in the
-    stream written over the filler at `first` and again at `first + distance`. The first occurrence has at least
+def copy_sequence(stream, start_id, length, distances, passage, rng, name=""):
+    """One sequence of `length` tokens, called `name`: the start token, then filler from a random place of `stream`,
+    with as many of `distances` as fit (in random order) each as a probe: a passage of `passage` tokens from elsewhere
+    in the stream written over the filler at `first` and again at `first + distance`. The first occurrence has at least
     `passage` tokens of filler before it; no two occurrences overlap or touch. Returns the sequence and the
     distances that did not fit."""
     if len(stream) < length + 4 * passage:
@@ -118,22 +125,25 @@ def copy_sequence(stream, start_id, length, distances, passage, rng):
         ids[first:first + passage] = ids[first + d:first + d + passage] = stream[source:source + passage]
         taken += spans
         probes.append(Probe(d, first, source))
-    return CopySequence(ids, sorted(probes), filler), sorted(left)
+    return CopySequence(ids, sorted(probes), filler, name), sorted(left)
 
 
-def copy_sequences(stream, start_id, distances, window, passage, sequences, seed):
+def copy_sequences(stream, start_id, distances, window, passage, sequences, seed, skip=0):
     """Every copy sequence: `sequences` probes per distance, each in a sequence of its length group (group_length);
-    the distances of a group share sequences as far as they fit."""
+    the distances of a group share sequences as far as they fit. Draw s of a group is one sequence holding every
+    distance of the group, or, when they do not all fit, further sequences holding the rest. The first `skip` draws
+    of each group are left out (a later call adds draws to those scored before); the places of every probe depend
+    on the seed, the distances and the lengths only, not on the text."""
     groups = {}
     for d in distances:
         groups.setdefault(group_length(d + 2 * passage + 1, window), []).append(d)
     out = []
     for length, ds in sorted(groups.items()):
-        for s in range(sequences):
+        for s in range(skip, sequences):
             left, k = ds, 0
             while left:
                 rng = np.random.default_rng([seed, 0x434F5059, length, s, k])  # "COPY"
-                seq, rest = copy_sequence(stream, start_id, length, left, passage, rng)
+                seq, rest = copy_sequence(stream, start_id, length, left, passage, rng, f"{length}/{s}/{k}")
                 if rest == left:
                     raise ValueError(f"cannot place a copy probe at distance {left[0]} in {length} tokens")
                 out.append(seq)
@@ -166,8 +176,8 @@ def score_copy(model, seq, passage):
     records = []
     for i, p in enumerate(seq.probes):
         a, b = 2 * i * n, (2 * i + 1) * n
-        records.append(dict(distance=p.distance, length=len(seq.ids), first=p.first, source=p.source,
-                            first_nll=float(nll[a:b].mean()), copy_nll=float(nll[b:b + n].mean()),
+        records.append(dict(distance=p.distance, length=len(seq.ids), sequence=seq.name, first=p.first,
+                            source=p.source, first_nll=float(nll[a:b].mean()), copy_nll=float(nll[b:b + n].mean()),
                             first_accuracy=float(hit[a:b].mean()), copy_accuracy=float(hit[b:b + n].mean())))
     return records
 
@@ -348,6 +358,37 @@ def summarize(records, distances):
                 multikey_accuracy=mean("multikey", "correct"))
 
 
+KEY_THRESHOLD = 0.5
+"""Passkey and multikey: a distance is recalled when at least this share of its trials is correct."""
+COPY_THRESHOLD = 0.5
+"""Copy: a distance is recalled when the mean second-sight NLL is at most this fraction of the first-sight NLL."""
+THRESHOLDS = {"copy": f"copy NLL <= {COPY_THRESHOLD} x first NLL", "passkey": f"accuracy >= {KEY_THRESHOLD}",
+              "multikey": f"accuracy >= {KEY_THRESHOLD}"}
+
+
+def effective_distance(summary):
+    """How far back a model recalls, per task with values in `summary` (summarize's means): the largest tested
+    distance d such that every tested distance up to d meets the task's threshold (KEY_THRESHOLD, COPY_THRESHOLD).
+    It is 0 when even the shortest tested distance fails. A pass beyond the first failure does not count. A distance
+    without a value (no trial fits it) is not tested."""
+    none = [None] * len(summary["distances"])
+    passed = {
+        "copy": [None if c is None else c <= COPY_THRESHOLD * f
+                 for c, f in zip(summary.get("copy_nll") or none, summary.get("first_nll") or none)],
+        "passkey": [None if a is None else a >= KEY_THRESHOLD for a in summary.get("passkey_accuracy") or none],
+        "multikey": [None if a is None else a >= KEY_THRESHOLD for a in summary.get("multikey_accuracy") or none]}
+    reach = {}
+    for task, ok in passed.items():
+        tested = sorted((d, p) for d, p in zip(summary["distances"], ok) if p is not None)
+        if tested:
+            reach[task] = 0
+            for d, p in tested:
+                if not p:
+                    break
+                reach[task] = d
+    return reach
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # output
 
@@ -482,19 +523,24 @@ def main(argv=None):
             records = run_recall(model, tok, stream, distances, original, args.tasks, args.passage, args.sequences,
                                  args.trials, args.keys, args.seed, progress=f"{name} {rope}")
             summary = summarize(records, distances)
+            reach = effective_distance(summary)
             rows.append(dict(model=path, name=name, rope=spec, rope_scaling=scaling, original_window=original,
-                             supported_window=supported, summary=summary, lengths=lengths, records=records))
+                             supported_window=supported, summary=summary, effective_distance=reach,
+                             lengths=lengths, records=records))
             print(f"recall by distance, {name}, rope {rope} (window {original}, supported {supported}); copy: "
                   f"{args.sequences} sequences per length, passage {args.passage}; passkey/multikey "
                   f"({args.keys} keys): {args.trials} trials per distance; seed {args.seed}")
             print(format_table(summary, lengths))
+            for task, d in reach.items():
+                print(f"effective distance, {task}: {d} (the largest d with {THRESHOLDS[task]} at every tested "
+                      f"distance up to d; 0: not even at the shortest)")
         del model
     if args.json:
         settings = {k: getattr(args, k) for k in ("data", "tasks", "passage", "sequences", "trials", "keys", "seed")}
         result = dict(settings=settings, rows=[{**{k: v for k, v in r.items() if k != "summary"}, **r["summary"]}
                                                for r in rows])
-        if len(rows) == 1:  # one row: its means at the top level too
-            result.update(rows[0]["summary"])
+        if len(rows) == 1:  # one row: its means and effective distances at the top level too
+            result.update(rows[0]["summary"], effective_distance=rows[0]["effective_distance"])
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(result, f, indent=1)

@@ -53,6 +53,13 @@ def test_copy_sequences_are_exact_and_depend_on_the_seed_only(bundled):
         filler = np.concatenate([[tok.start_id], stream[seq.filler:seq.filler + len(seq.ids) - 1]])
         assert np.array_equal(seq.ids[~covered], filler[~covered])  # everything else is the natural filler
     assert counts == {d: 3 for d in distances}
+    # each sequence is named by its length and draw; a later call adds draws and repeats none of the earlier ones
+    assert {seq.name.rsplit("/", 1)[0] for seq in seqs} == {f"{n}/{s}" for n in (256, 512, 1024, 2048)
+                                                           for s in range(3)}
+    later = recall.copy_sequences(stream, tok.start_id, distances, 256, passage, sequences=3, seed=0, skip=2)
+    third = [a for a in seqs if a.name.split("/")[1] == "2"]
+    assert [b.name for b in later] == [a.name for a in third]
+    assert all(np.array_equal(a.ids, b.ids) and a.probes == b.probes for a, b in zip(later, third))
 
 
 def test_copy_nll_equals_a_brute_force_loss(bundled):
@@ -61,6 +68,7 @@ def test_copy_nll_equals_a_brute_force_loss(bundled):
     seq = recall.copy_sequences(stream, tok.start_id, [40, 100], 256, passage, sequences=1, seed=3)[0]
     records = recall.score_copy(model, seq, passage)
     assert [r["distance"] for r in records] == [p.distance for p in seq.probes]
+    assert seq.name == "256/0/0" and all(r["sequence"] == seq.name for r in records)
     tokens = torch.as_tensor(seq.ids)[None]
     for p, r in zip(seq.probes, records):
         for start, nll in ((p.first, r["first_nll"]), (p.first + p.distance, r["copy_nll"])):
@@ -113,6 +121,25 @@ def test_the_bundled_base_recalls_inside_its_window_only(bundled):
     assert s["copy_nll"] == [None] * 3
 
 
+def summary(distances, passkey=None, copy=None):
+    """A made-up summarize() result: passkey accuracies, copy NLLs against a first-sight NLL of 4."""
+    none = [None] * len(distances)
+    return dict(distances=distances, passkey_accuracy=passkey or none, multikey_accuracy=none,
+                first_nll=[4.0] * len(distances) if copy else none, copy_nll=copy or none)
+
+
+def test_effective_distance_is_the_last_distance_before_the_first_failure():
+    ds = [64, 128, 192, 320, 512]
+    assert recall.effective_distance(summary(ds, [1.0, 0.9, 0.5, 0.7, 0.6])) == {"passkey": 512}  # all pass
+    assert recall.effective_distance(summary(ds, [0.4, 1.0, 1.0, 1.0, 1.0])) == {"passkey": 0}  # the first fails
+    assert recall.effective_distance(summary(ds, [1.0, 0.8, 0.6, 0.45, 0.9])) == {"passkey": 192}  # a later pass
+    # distances in any order; one without a value (no trial fitted) is not tested; tasks not run are left out
+    assert recall.effective_distance(summary([320, 64, 128], [0.2, None, 0.9])) == {"passkey": 128}
+    copy = summary(ds, copy=[1.0, 2.0, 2.0, 2.1, 0.5])  # at most half the first-sight NLL (4.0)
+    assert recall.effective_distance(copy) == {"copy": 192}
+    assert recall.effective_distance(summary(ds, [1.0] * 5, [2.5] * 5)) == {"passkey": 512, "copy": 0}
+
+
 def test_command_line_json_and_bad_input(tmp_path):
     out = tmp_path / "r.json"
     cmd = [sys.executable, os.path.join(ROOT, "recall.py"), "--distances", "64", "100", "300", "--sequences", "2",
@@ -127,6 +154,11 @@ def test_command_line_json_and_bad_input(tmp_path):
     assert result["multikey_accuracy"][0] is None and result["passkey_accuracy"][0] is not None
     assert len(result["rows"][0]["records"]["copy"]) == 2 * 3 and os.path.getsize(tmp_path / "r.png") > 0
     assert proc.stdout.startswith("recall by distance, tiny")
+    reach = result["effective_distance"]
+    assert set(reach) == {"copy", "passkey", "multikey"} and result["rows"][0]["effective_distance"] == reach
+    assert all(reach[t] in (0, 64, 100, 300) for t in reach)
+    assert f"effective distance, passkey: {reach['passkey']} (" in proc.stdout
+    assert all("sequence" in r for r in result["rows"][0]["records"]["copy"])
     bad = subprocess.run(cmd[:2] + ["--distances", "20", "--json", str(tmp_path / "b.json")], capture_output=True,
                          text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "--distances must be >" in bad.stderr
