@@ -822,7 +822,17 @@ def extreme_section(results):
     return md + [""]
 
 
+def effective_distances(entry, settings):
+    """Each row-seed's effective distance of the fixed-distance passkey (recall.effective_distance), from its
+    per-distance accuracies."""
+    import recall
+    distances = settings["recall"]["distances"]
+    return [recall.effective_distance({"distances": distances, "passkey_accuracy": r["recall"]["passkey_accuracy"]})
+            ["passkey"] for r in entry["per_seed"].values()]
+
+
 def recall_sections(results):
+    import recall
     s, rows = results["settings"], results["rows"]
     rc = s["recall"]
     done = [slug for slug in rows if rows[slug].get("summary", {}).get("recall")]
@@ -831,15 +841,19 @@ def recall_sections(results):
     md = ["## Recall by distance (DESIGN.md section 14)", "",
           f"Passkey with the key line exactly d tokens before the answer (recall.py; {rc['trials']} trials per "
           f"distance, the same prompts for every model, teacher-forced exact match), mean ± sd over seeds; the "
-          f"window is {s['train_len']}. Copy recall is recorded in results.json (the base does not copy natural "
-          f"text: DESIGN.md section 14).", "",
-          "| row | seeds | " + " | ".join(f"d={d}" for d in rc["distances"]) + " | key NLL beyond the window |",
-          "|" + "---|" * (len(rc["distances"]) + 3)]
+          f"window is {s['train_len']}. Effective distance: the largest d up to which every tested distance has "
+          f"accuracy >= {recall.KEY_THRESHOLD} (0: not even {rc['distances'][0]}), per seed, then mean ± sd. Copy "
+          f"recall is recorded in results.json (the base does not copy natural text: DESIGN.md section 14).", "",
+          "| row | seeds | " + " | ".join(f"d={d}" for d in rc["distances"]) +
+          " | key NLL beyond the window | effective distance |", "|" + "---|" * (len(rc["distances"]) + 4)]
     for slug in done:
         entry = rows[slug]
         cells = [fmt_cell(c) for c in entry["summary"]["recall"]["passkey_accuracy"]]
         far = [beyond_window(entry, s, "passkey_nll", seed) for seed in entry["per_seed"]]
-        md.append(f"| {entry['label']} | {seeds_label(entry)} | " + " | ".join(cells) + f" | {fmt_values(far)} |")
+        m, sd = mean_std(effective_distances(entry, s))
+        reach = f"{m:.0f}" + ("" if sd is None else f" ± {sd:.0f}")
+        md.append(f"| {entry['label']} | {seeds_label(entry)} | " + " | ".join(cells) + f" | {fmt_values(far)} | "
+                  f"{reach} |")
     md += ["", "![recall](recall.png)", "", "## Do the skips matter? PoSE minus PI-no-skips, paired by seed", "",
            f"Decision rule (DESIGN.md sections 14 and 15): a finding when every seed has the same sign and "
            f"|paired t| > {T_CRITICAL[3]} (3 seeds) or {T_CRITICAL[5]} (5 seeds).", "",
