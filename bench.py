@@ -59,7 +59,7 @@ import memory
 import pose
 import settings
 import train
-from model import LLaMA, ModelConfig
+from model import BACKENDS, LLaMA, ModelConfig, attention_backend
 
 # bf16 dense (no sparsity) tensor-core peaks, TFLOP/s per GPU, from NVIDIA's data sheets; the first match wins.
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
@@ -189,7 +189,8 @@ def device_name(device):
 def ours_vs_transformers(cfg, device, seq_len, repeats, warmup, dtype):
     """Forward + backward of the loss on one sequence, our LLaMA vs transformers' LlamaForCausalLM (sdpa) loaded from
     our save_pretrained, same weights in `dtype`, no checkpointing for either, timed alternately (so that clock or
-    load changes hit both alike). Returns medians in seconds, ratio ours / transformers and both losses."""
+    load changes hit both alike). Returns medians in seconds, ratio ours / transformers, both losses and our attention
+    backend (flash-attn on CUDA in bf16 when it is installed, else SDPA)."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -227,7 +228,8 @@ def ours_vs_transformers(cfg, device, seq_len, repeats, warmup, dtype):
     ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["transformers"])
     return dict(seq_len=seq_len, dtype=str(dtype).removeprefix("torch."), ours_s=ours_s, transformers_s=theirs_s,
                 ratio=ours_s / theirs_s, loss_ours=losses["ours"].item(),
-                loss_transformers=losses["transformers"].item())
+                loss_transformers=losses["transformers"].item(),
+                attention=BACKENDS[attention_backend(ours.layers[0].self_attn.attn_impl, dtype, device)[0]])
 
 
 def bench_model(args):
@@ -510,9 +512,9 @@ def bench_speed(args):
             print(f"| {what} | {m['seq_len']} | {m['seconds']:.3f} | {m['tokens_per_s']:.0f} | "
                   f"{m['flops'] / m['seconds'] / 1e12:.1f} | {mfu} |")
         v = r["versus"]
-        print(f"ours / transformers (sdpa), forward + backward of {v['seq_len']} tokens in {v['dtype']}, same "
-              f"weights: {v['ratio']:.2f} ({v['ours_s'] * 1e3:.0f} ms vs {v['transformers_s'] * 1e3:.0f} ms; losses "
-              f"{v['loss_ours']:.4f} and {v['loss_transformers']:.4f})")
+        print(f"ours ({v['attention']}) / transformers (sdpa), forward + backward of {v['seq_len']} tokens in "
+              f"{v['dtype']}, same weights: {v['ratio']:.2f} ({v['ours_s'] * 1e3:.0f} ms vs "
+              f"{v['transformers_s'] * 1e3:.0f} ms; losses {v['loss_ours']:.4f} and {v['loss_transformers']:.4f})")
     return dict(section="speed", peak_tflops=peak, runs=runs)
 
 

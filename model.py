@@ -11,6 +11,7 @@ with an optional sliding window (`MistralForCausalLM`), Qwen2 / Qwen2.5 the same
 projections (`Qwen2ForCausalLM`). Module names equal the Hugging Face checkpoint names (less the "model." prefix), so
 loading is a rename (hf.py), not a conversion.
 """
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,13 +19,61 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import cli
 import hf
 from rope import RoPE, apply_rope, normalize_rope_scaling
 
-try:  # flash-attn (GPU only); torch SDPA is the fallback and the CPU path
-    from flash_attn import flash_attn_func
-except ImportError:
-    flash_attn_func = None
+
+def load_flash_attn():
+    """flash-attn's flash_attn_func, or None: SDPA is the fallback and the CPU path. Not installed: None, silently.
+    Installed but broken (an extension built for another torch or CUDA, a missing library): None, and one warning."""
+    try:
+        from flash_attn import flash_attn_func
+        return flash_attn_func
+    except ModuleNotFoundError as e:
+        if e.name == "flash_attn":  # not installed
+            return None
+        error = e  # a part of it is missing, e.g. its CUDA extension flash_attn_2_cuda
+    except Exception as e:  # the import of an installed package fails: ImportError, OSError, RuntimeError, ...
+        error = e
+    reason = (str(error).strip().splitlines() or [""])[0]
+    cli.warn(f"flash-attn is installed but does not import ({type(error).__name__}: {reason}); attention uses SDPA")
+    return None
+
+
+flash_attn_func = load_flash_attn()
+BACKENDS = {"flash": "flash-attn", "sdpa": "SDPA"}
+backends_used = set()  # the attention backends this process has run ("flash", "sdpa")
+
+
+def attention_backend(impl, dtype, device):
+    """The backend that computes attention in `dtype` on `device` under Attention.attn_impl `impl`, and why.
+
+    "auto" takes flash-attn on CUDA in fp16/bf16 when it is installed, else SDPA; "flash" requires flash-attn and
+    fp16/bf16 (its kernels have no fp32); "sdpa" is always possible."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if impl == "flash":
+        if flash_attn_func is None:
+            raise ValueError("attn_impl='flash' but flash-attn is not installed (or does not import)")
+        if not half:
+            raise ValueError(f"attn_impl='flash' needs fp16 or bf16, not {str(dtype).removeprefix('torch.')}")
+        return "flash", "attn_impl='flash'"
+    if impl == "sdpa":
+        return "sdpa", "attn_impl='sdpa'"
+    if flash_attn_func is None:
+        return "sdpa", "flash-attn is not installed"
+    if device.type != "cuda" or not half:
+        return "sdpa", "flash-attn runs on CUDA in fp16/bf16 only"
+    return "flash", "installed, CUDA, fp16/bf16"
+
+
+def note_backend(backend, reason, device):
+    """Record the backend; name it on stderr the first time this process runs it. On the CPU, where SDPA is the
+    only backend, SDPA is recorded but not named."""
+    if backend not in backends_used:
+        backends_used.add(backend)
+        if device.type != "cpu" or backend == "flash":
+            print(f"attention: {BACKENDS[backend]} ({reason})", file=sys.stderr)
 
 
 @dataclass
@@ -106,11 +155,8 @@ class Attention(nn.Module):
         if self.window and not causal:
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]  # (B, nkv, <= window, hd)
         window = self.window if causal and self.window and T > self.window else None
-        if self.attn_impl == "flash" and flash_attn_func is None:
-            raise RuntimeError("attn_impl='flash' but flash_attn is not installed")
-        use_flash = flash_attn_func is not None and (self.attn_impl == "flash" or (
-            self.attn_impl == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)))
-        if use_flash:
+        backend, _ = attention_backend(self.attn_impl, q.dtype, q.device)
+        if backend == "flash":
             # flash-attn takes (B, T, heads, hd) and handles GQA itself (fewer k/v heads); causal mask built in, and
             # the band as window_size = (keys to the left, keys to the right)
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
@@ -272,6 +318,9 @@ class LLaMA(nn.Module):
         if positions.dtype.is_floating_point:
             raise TypeError("positions must be integers (fp16/bf16 cannot represent large positions exactly)")
         x = self.embed_tokens(tokens)  # (B, T, dim)
+        # The blocks compute in x's dtype on its device: name their attention backend here, outside any compiled
+        # block (a print inside one would break its graph).
+        note_backend(*attention_backend(self.layers[0].self_attn.attn_impl, x.dtype, x.device), x.device)
         for block in self.layers:
             if cache is not None:
                 x = block(x, positions, cache)
