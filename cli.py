@@ -111,6 +111,26 @@ def add_model_options(parser, checkpoint, rows=True):
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
 
 
+def add_memory_options(parser):
+    """--dry-run and --gpu-memory of the evaluation commands; memory.evaluation_path reads them."""
+    parser.add_argument("--dry-run", action="store_true", help="print the memory plan and the path it chooses, then "
+                        "exit; reads config.json alone, loads nothing")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                        help="with --dry-run: plan for a GPU with this much free memory (default: measured on CUDA)")
+
+
+def check_memory_options(args):
+    """UsageError unless --gpu-memory, where given, is positive and plans a dry run on a CUDA device."""
+    if args.gpu_memory is None:
+        return
+    if args.gpu_memory <= 0:
+        raise UsageError(f"--gpu-memory must be > 0, got {args.gpu_memory:g}")
+    if not args.dry_run:
+        raise UsageError("--gpu-memory plans a --dry-run; a run measures the GPU's free memory")
+    if not str(args.device or default_device()).startswith("cuda"):
+        raise UsageError("--gpu-memory states a GPU's memory: plan for it with --device cuda")
+
+
 def set_threads(n, torch_threads=True):
     """Apply --threads: torch's intra-op threads (torch_threads) and the `tokenizers` library's pool, which reads
     RAYON_NUM_THREADS when it starts (sentencepiece takes its count per call: data.prepare's `threads`). None: leave
@@ -138,17 +158,17 @@ class _Lines:
         self.stream.flush()
 
 
-def progress(total, desc=None, unit="it", enabled=True, interval=30):
+def progress(total, desc=None, unit="it", enabled=True, interval=30, initial=0):
     """A progress bar on stderr. On a terminal, tqdm's bar, erased at the end; elsewhere (stderr redirected to a log
     file, where tqdm would disable itself) one plain line at the start, one every `interval` seconds and one at the
-    end, so that a long run says how far it is. enabled=False: a bar that shows nothing."""
+    end, so that a long run says how far it is. enabled=False: a bar that shows nothing. initial: the count done."""
     from tqdm import tqdm
     if not enabled:
         return tqdm(total=total, disable=True)
     if sys.stderr.isatty():
-        return tqdm(total=total, desc=desc, unit=unit, leave=False)
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, initial=initial)
     return tqdm(total=total, desc=desc, unit=unit, file=_Lines(sys.stderr), mininterval=interval,
-                maxinterval=interval, ascii=True)
+                maxinterval=interval, ascii=True, initial=initial)
 
 
 def plural(n, word):

@@ -25,6 +25,7 @@ In code (train.py, evaluate.py):
     corpus = load_corpus("assets/books/train", tokenizer=tok)   # raw text: prepared into ~/.cache/pose once
     window = corpus.sample(rng, 2048)   # 2048 tokens of a document chosen with probability ~ its length
 """
+import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -314,6 +315,19 @@ def open_prepared(prefix):
     return Corpus(tokens, offsets, meta=meta)
 
 
+@contextlib.contextmanager
+def cache_lock(cached):
+    """Hold the cache entry `cached`'s file lock: the processes of a torchrun job on one machine prepare its raw data
+    once, one of them, while the others wait outside any collective."""
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    with open(cached + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None, threads=None):
     """A Corpus of the documents with >= min_tokens tokens, from a prepared dataset or from raw input.
 
@@ -348,12 +362,13 @@ def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None, threads=None
         key = hashlib.sha256(key.encode()).hexdigest()[:16]
         cache_dir = cache_dir or os.environ.get("POSE_CACHE") or os.path.expanduser("~/.cache/pose")
         cached = os.path.join(cache_dir, f"{os.path.basename(os.path.abspath(path)).split('.')[0]}-{key}")
-        if not os.path.isfile(cached + ".json"):
-            meta = prepare(path, tok, cached, min_tokens, verbose=False, reuse=True,  # None: another process did
-                           threads=threads)
-            # a progress message, shown where tqdm's bar is: piped stderr keeps warnings only
-            if meta is not None and sys.stderr.isatty():
-                print(f"prepared {path} once, into the cache: {describe_prepared(cached, meta)}", file=sys.stderr)
+        with cache_lock(cached):  # one process per machine prepares; the others wait here, then read its result
+            if not os.path.isfile(cached + ".json"):
+                meta = prepare(path, tok, cached, min_tokens, verbose=False, reuse=True,  # None: another process did
+                               threads=threads)
+                # a progress message, shown where tqdm's bar is: piped stderr keeps warnings only
+                if meta is not None and sys.stderr.isatty():
+                    print(f"prepared {path} once, into the cache: {describe_prepared(cached, meta)}", file=sys.stderr)
         corpus = open_prepared(cached)
     else:
         raise DataError(f"not found: {path} is neither input nor a prepared dataset ({prefix}.json is missing; "

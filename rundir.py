@@ -5,20 +5,32 @@ first file it writes). A fresh run needs one with nothing of value in it (an ear
 first checkpoint); --resume needs one whose args.json matches the settings outside settings.RESUMABLE.
 
     start = rundir.find_start(s)      # checks only: raises a one-line UsageError, writes nothing
+    start, lock = rundir.claim(s)     # the checks, then the run's lock on --out (rank 0), then the checks again
     log = rundir.create(s, start)     # the marker, args.json, log.jsonl up to the start (rank 0)
     log.append({"step": 1, ...})
+    lock.release()
+
+A run directory admits one writer. The lock is an exclusive flock on OUT/.pose-run.lock, held by rank 0 for the
+whole run; the file names the holder (pid and host). The operating system releases the flock of a dead process,
+so a killed run never blocks the next one; the holder's line it leaves behind is reported when the lock is taken
+over.
 """
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 from dataclasses import dataclass, field
+
+import cli
 
 import checkpoints
 from cli import UsageError
 from settings import RESUMABLE
 
 RUN_MARKER = ".pose-run"  # written first into every --out that train.py makes: only such folders are written into
+LOCK = ".pose-run.lock"  # the run's lock (RunLock)
 
 
 @dataclass(frozen=True)
@@ -44,7 +56,7 @@ def find_start(s):
     if not writable:
         raise UsageError(f"--out {out} is not writable")
     ours = os.path.isfile(os.path.join(out, RUN_MARKER))
-    if os.path.isdir(out) and os.listdir(out) and not ours:
+    if os.path.isdir(out) and set(os.listdir(out)) - {LOCK} and not ours:
         raise UsageError(f"--out {out} is not empty and was not made by train.py: refusing to write into it")
     step, path = checkpoints.latest(out) if ours else (0, None)
     changed = {}
@@ -56,6 +68,57 @@ def find_start(s):
         raise UsageError(f"{out} already holds a run; use --resume to continue it or another --out")
     log = read_log(os.path.join(out, "log.jsonl"), step) if path else []
     return Start(step, path, tuple(log), changed)
+
+
+class RunLock:
+    """The lock of run directory `out`, held until release(); raises UsageError, naming the holder, when another
+    process holds it. Creates `out` if needed (and nothing else when refused); release() removes what the lock alone
+    added to it, so that a run that fails before writing anything leaves --out as it found it."""
+
+    def __init__(self, out):
+        self.out, self.created = out, not os.path.exists(out)
+        os.makedirs(out, exist_ok=True)
+        self.path = os.path.join(out, LOCK)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.holder() or "starting"
+            self.file.close()
+            raise UsageError(f"--out {out} is in use by another train.py ({holder}): wait for it to end or use "
+                             "another --out") from None
+        stale = self.holder()  # the line of a holder that died without releasing the lock
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+        if stale:
+            cli.warn(f"--out {out}: took over the lock of a run that ended without releasing it ({stale})")
+
+    def holder(self):
+        self.file.seek(0)
+        return self.file.read().strip()
+
+    def release(self):
+        if self.file.closed:
+            return
+        self.file.truncate(0)
+        if os.listdir(self.out) == [LOCK]:  # the run wrote nothing
+            os.remove(self.path)
+            if self.created:
+                os.rmdir(self.out)
+        self.file.close()  # closing releases the flock
+
+
+def claim(s):
+    """(Start, RunLock) of Settings s on rank 0: the checks of find_start, the lock, then the checks again (another run
+    may have written into --out between them). A refused claim leaves --out as it found it."""
+    find_start(s)
+    lock = RunLock(s.out)
+    try:
+        return find_start(s), lock
+    except BaseException:
+        lock.release()
+        raise
 
 
 def check_resume(s, args_path, step):

@@ -23,20 +23,22 @@ import pose
 from cli import UsageError
 from rope import describe_rope, original_window, rope_kind, rope_name, scaling_from_spec, supported_window
 
+GB = 1e9  # decimal gigabytes, as memory.py prints them
 BUNDLED_REPLAY = os.path.join(cli.ASSETS, "replay", "passkey-256.npz")  # synthetic passkey episodes
 
 RECIPES = {
     # section 4.1, LLaMA-7B
     "paper": dict(steps=1000, batch_size=64, lr=2e-5, rope="linear", micro_batch_size=1, replay="none",
-                  replay_batch=0),
+                  replay_batch=0),  # micro-batch 1 on the CPU; on CUDA the memory plan chooses it (plan_defaults)
     # the toy reproduction's (results/toy/DESIGN.md): 4M parameters need a larger step size; YaRN with the fast bound
     # at LLaMA's 64-token wavelength; the base learned retrieval from synthetic episodes, which it replays
     "tiny": dict(steps=100, batch_size=16, lr=2e-4, rope="yarn,beta_fast=4,beta_slow=1", micro_batch_size=None,
                  replay=BUNDLED_REPLAY, replay_batch=4),  # micro-batch None: batch / world
 }
 # What --resume may change (anything else would change the examples, the model or the schedule of the run)
-RESUMABLE = ("save_every", "keep", "steps", "micro_batch_size", "grad_checkpointing", "cpu_offload",
+RESUMABLE = ("save_every", "keep", "steps", "micro_batch_size", "grad_checkpointing", "cpu_offload", "compile",
              "delete_checkpoints", "export_dtype", "resume")
+MARGIN = 0.15  # the share of a GPU's memory the plan-chosen defaults leave free: CUDA context, NCCL, fragmentation
 
 
 @dataclass(frozen=True)
@@ -74,11 +76,15 @@ class Settings:
     precision: str  # bf16 or fp32
     grad_checkpointing: bool
     cpu_offload: bool
+    compile: bool  # torch.compile each block
     rope_scaling: dict | None  # the extended model's rope_scaling (config.json convention)
     world: int = 1  # processes
     device: str = "cpu"  # cpu or cuda
     threads: int | None = None  # torch's CPU threads (None: torch's default)
     dry_run: bool = False  # print the settings, the first examples and the memory plan; load and write nothing
+    gpu_memory: float | None = None  # GB of one GPU, stated for a dry run on a machine without one
+    dist_timeout: float = 60.0  # minutes a collective may wait for the slowest rank
+    why: tuple = ()  # why the recipe and the plan-chosen defaults are what they are, one line each
 
     @property
     def seq_len(self):
@@ -166,6 +172,10 @@ def parser(doc=None):
                    help="recompute each block in backward (default: on for CUDA)")
     p.add_argument("--cpu-offload", action="store_true", help="keep sharded parameters, gradients and optimizer "
                                                                "state in CPU memory (FSDP2 CPUOffloadPolicy)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block before sharding (opt-in; "
+                   "positions are data, so PoSE's new positions every step do not recompile)")
+    p.add_argument("--dist-timeout", type=float, default=60.0, metavar="MINUTES", help="how long a collective waits "
+                   "for the slowest rank, e.g. while rank 0 reads the checkpoint (default 60)")
     cli.add_threads(p)  # per process
     p.add_argument("--dry-run", action="store_true", help="print every resolved setting, the first examples' "
                    "positions and the memory plan per process, then exit; reads config.json, the tokenizer and the "
@@ -175,6 +185,8 @@ def parser(doc=None):
                    "(default: torchrun's WORLD_SIZE, else 1)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="with --dry-run: plan for this device "
                    "type, its defaults of --precision and --grad-checkpointing included (default: this machine's)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="with --dry-run: plan for GPUs of "
+                   "this memory (default: measured on this machine's GPU)")
     return p
 
 
@@ -192,25 +204,32 @@ def resolve(args, world=None, device=None):
     1); device: "cuda" or "cpu" (default: cuda when this machine has it). `args` is read, never changed."""
     import torch
     v = dict(vars(args))  # the given values; None where a recipe or a rule decides
-    planned_world, planned_device = v.pop("world"), v.pop("device")
-    if (planned_world or planned_device) and not v["dry_run"]:
-        raise UsageError("--world and --device plan a --dry-run; a run's processes and devices are torchrun's")
+    planned_world, planned_device, gpu_memory = v.pop("world"), v.pop("device"), v.pop("gpu_memory")
+    if (planned_world or planned_device or gpu_memory) and not v["dry_run"]:
+        raise UsageError("--world, --device and --gpu-memory plan a --dry-run; a run's processes and devices are "
+                         "torchrun's")
     world = world or planned_world or int(os.environ.get("WORLD_SIZE", 1))
     device = device or planned_device or ("cuda" if torch.cuda.is_available() else "cpu")
     cli.positive("--world", world)
+    if gpu_memory is not None and not gpu_memory > 0:
+        raise UsageError(f"--gpu-memory must be > 0 GB, got {gpu_memory}")
+    if not v["dist_timeout"] > 0:
+        raise UsageError(f"--dist-timeout must be > 0 minutes, got {v['dist_timeout']}")
     v["model"] = v["model"] or cli.BUNDLED_MODEL
     v["data"] = v["data"] or cli.BUNDLED_TRAIN
     fields = hf.read_config(v["model"])  # CheckpointError on a bad directory
-    tokenizer = data.Tokenizer(v["model"])
-    if tokenizer.vocab_size > fields["vocab_size"]:
-        raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {fields['vocab_size']}")
-    bundled = os.path.realpath(v["model"]) == os.path.realpath(cli.BUNDLED_MODEL)
-    v["recipe"] = v["recipe"] or ("tiny" if bundled else "paper")
+    if not (v["dry_run"] and config_only(v["model"])):  # a dry run plans from a config.json alone
+        tokenizer = data.Tokenizer(v["model"])
+        if tokenizer.vocab_size > fields["vocab_size"]:
+            raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {fields['vocab_size']}")
+    v["recipe"], why = choose_recipe(v["recipe"], v["model"])
     recipe = RECIPES[v["recipe"]]
     if v["replay"] == "none" and v["replay_batch"] is None:
         v["replay_batch"] = 0  # --replay none alone: no replay, whatever the recipe's batch
     elif v["replay_batch"] == 0 and v["replay"] is None:
         v["replay"] = "none"  # and --replay-batch 0 alone, whatever the recipe's pool
+    given = {k: v[k] is not None for k in ("micro_batch_size", "grad_checkpointing")}  # on the command line
+    planned = device == "cuda" and not all(given.values())  # on CUDA the memory plan chooses the others, below
     for key, value in recipe.items():
         if v[key] is None and key != "rope":  # rope: extended_scaling, below
             v[key] = value
@@ -219,7 +238,10 @@ def resolve(args, world=None, device=None):
     v["precision"] = v["precision"] or ("bf16" if device == "cuda" else "fp32")
     if v["grad_checkpointing"] is None:
         v["grad_checkpointing"] = device == "cuda"
-    v["train_len"] = v["train_len"] or fields["max_position_embeddings"]
+    # the training window: the checkpoint's window; the tiny recipe's is the base's original one (its replay windows
+    # have that length), also when it extends a model that a tiny run extended
+    v["train_len"] = v["train_len"] or (original_window(fields["rope_scaling"], fields["max_position_embeddings"])
+                                        if v["recipe"] == "tiny" else fields["max_position_embeddings"])
     v["out"] = v["out"] or os.path.join("out", f"{v['method']}-{v['target']}")
 
     for flag, minimum in (("target", 1), ("train_len", 1), ("steps", 1), ("batch_size", 1), ("micro_batch_size", 1),
@@ -247,7 +269,66 @@ def resolve(args, world=None, device=None):
         raise UsageError(f"--target {v['target']} is not beyond the model's {window}-token window: nothing to extend "
                          "(--rope none fine-tunes without interpolation)")
     v["rope"] = v["rope"] or (rope_name(v["rope_scaling"]) if fields["rope_scaling"] else recipe["rope"])
-    return Settings(**v, world=world, device=device)
+    if planned:
+        capacity = gpu_memory * GB if gpu_memory else torch.cuda.get_device_properties(
+            int(os.environ.get("LOCAL_RANK", 0))).total_memory
+        micro, checkpointing, lines = plan_defaults(Settings(**v, world=world, device=device), capacity,
+                                                    micro_given=given["micro_batch_size"],
+                                                    checkpointing_given=given["grad_checkpointing"])
+        v.update(micro_batch_size=micro, grad_checkpointing=checkpointing)
+        why += lines
+    return Settings(**v, world=world, device=device, gpu_memory=gpu_memory, why=tuple(why))
+
+
+def config_only(model):
+    """A model directory without tokenizer files: a config.json for dry runs (assets/configs)."""
+    return not any(os.path.isfile(os.path.join(model, f)) for f in ("tokenizer.model", "tokenizer.json"))
+
+
+def choose_recipe(given, model):
+    """(recipe, [why]): --recipe if given; else the recipe of the train.py run that made --model (its args.json), so
+    that extending an extended toy model keeps the toy's recipe; else tiny for the bundled model, paper otherwise."""
+    if given:
+        return given, [f"recipe {given} (--recipe)"]
+    if os.path.realpath(model) == os.path.realpath(cli.BUNDLED_MODEL):
+        return "tiny", ["recipe tiny: the default for the bundled model (--recipe paper for the paper's)"]
+    made_by = os.path.join(model, "args.json")
+    try:
+        with open(made_by) as f:
+            recipe = json.load(f).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        recipe = None
+    if recipe in RECIPES:
+        return recipe, [f"recipe {recipe}: the recipe of the run that made --model ({made_by}); --recipe changes it"]
+    return "paper", ["recipe paper: the default for a checkpoint not made by the bundled model's runs (--recipe tiny "
+                     "for the toy's)"]
+
+
+def plan_defaults(s, capacity, micro_given=False, checkpointing_given=False):
+    """(micro-batch, activation checkpointing, [why]) for a CUDA run of Settings s on GPUs of `capacity` bytes, from
+    the memory plan: checkpointing only where no micro-batch fits without it, and the micro-batch as large as fits
+    up to batch / world. A plan fits when its peak is at most (1 - MARGIN) of the capacity. A value the command line
+    gave is kept."""
+    import memory
+    usable = (1 - MARGIN) * capacity
+    per_rank = s.batch_size // s.world
+    micros = [s.micro_batch_size] if micro_given else [m for m in range(per_rank, 0, -1) if per_rank % m == 0]
+    options = [s.grad_checkpointing] if checkpointing_given else [False, True]
+    for checkpointing in options:
+        for micro in micros:
+            peak = memory.plan_of(dataclasses.replace(s, micro_batch_size=micro, grad_checkpointing=checkpointing)).peak
+            if peak <= usable:
+                what = f"{peak / GB:.1f} GB <= {usable / GB:.1f} GB ({1 - MARGIN:.0%} of {capacity / GB:.0f} GB)"
+                return micro, checkpointing, [
+                    f"activation checkpointing {'on' if checkpointing else 'off'}"
+                    + (" (--grad-checkpointing)" if checkpointing_given else
+                       ": the plan without it fits" if not checkpointing else
+                       ": no micro-batch fits without it"),
+                    f"micro-batch {micro}" + (" (--micro-batch-size)" if micro_given else
+                                              f": the largest divisor of batch / world = {per_rank} that fits")
+                    + f": plan peak {what}"]
+    return micros[-1], options[-1], [f"no micro-batch and checkpointing setting fits {usable / GB:.1f} GB "
+                                     f"({1 - MARGIN:.0%} of {capacity / GB:.0f} GB): the smallest is planned"]
 
 
 def warnings(s):

@@ -37,6 +37,7 @@ Here: setup, build, examples, the loop, export, top to bottom; settings.py resol
 rundir.py checks --out and writes args.json and the log, checkpoints.py saves, loads and exports, memory.py plans.
 """
 import dataclasses
+import datetime
 import math
 import os
 import resource
@@ -67,19 +68,24 @@ from model import LLaMA, ModelConfig
 # ----------------------------------------------------------------------------------------------------------------------
 # distributed setup
 
-def setup_distributed():
-    """torchrun's environment, or a one-process group for `python train.py`: the same code path either way."""
+def setup_distributed(timeout_minutes=60.0):
+    """torchrun's environment, or a one-process group for `python train.py`: the same code path either way.
+
+    On CUDA the group has NCCL for GPU tensors and gloo for CPU tensors (--cpu-offload's gradient norm, a CPU
+    broadcast); gloo idles unless used. Every collective waits at most `timeout_minutes` for the slowest rank: long
+    enough for rank 0 to read and check a large checkpoint while the others wait (NCCL's default is 10 minutes)."""
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"  # the backend is the only difference
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"  # the backend is the only difference
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     try:
         if "RANK" in os.environ:  # torchrun: rendezvous through its environment variables
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=timeout)
         else:  # one process: an in-memory store, no port to find or to race for
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     except RuntimeError as e:
         raise UsageError(f"cannot start the process group: {str(e).strip().splitlines()[-1]}") from None
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -111,11 +117,14 @@ def broadcast(obj):
 # ----------------------------------------------------------------------------------------------------------------------
 # the model and its data
 
-def sharded_model(cfg, device, mesh, precision="fp32", cpu_offload=False, grad_checkpointing=False):
+def sharded_model(cfg, device, mesh, precision="fp32", cpu_offload=False, grad_checkpointing=False, compile=False):
     """The LLaMA of ModelConfig cfg in training mode, built on the meta device and sharded by FSDP2, so that no
     process holds it whole, then given uninitialized storage on `device` (build loads a checkpoint, bench.py draws
     weights). Each block is one unit (gathered just in time), then the root (embeddings, final norm, output layer);
-    blocks compute in `precision`, while the master weights, the gradient reduction and the optimizer stay fp32."""
+    blocks compute in `precision`, while the master weights, the gradient reduction and the optimizer stay fp32.
+    cpu_offload: the shards live in CPU memory (FSDP2 requires them materialized there) and move to `device` for
+    compute. compile: each block is compiled before sharding, as torchtitan does; positions are a tensor input, so new
+    positions every step reuse the compiled code."""
     with torch.device("meta"):
         model = LLaMA(cfg)
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -123,9 +132,11 @@ def sharded_model(cfg, device, mesh, precision="fp32", cpu_offload=False, grad_c
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else None
     kw = dict(mesh=mesh, mp_policy=mp, **({"offload_policy": offload} if offload else {}))
     for block in model.layers:
+        if compile:
+            block.compile()
         fully_shard(block, **kw)
     fully_shard(model, **kw)
-    model.to_empty(device=device)
+    model.to_empty(device="cpu" if cpu_offload else device)
     model.gradient_checkpointing = grad_checkpointing
     return model.train()
 
@@ -133,18 +144,25 @@ def sharded_model(cfg, device, mesh, precision="fp32", cpu_offload=False, grad_c
 def build(s, device, mesh, rank):
     """The sharded model of Settings s with its weights, and the training corpus."""
     fields = dict(hf.read_config(s.model), rope_scaling=s.rope_scaling)
-    # 1) the sharded model: every rank holds storage for its shards only
-    model = sharded_model(ModelConfig(**fields), device, mesh, s.precision, s.cpu_offload, s.grad_checkpointing)
-    # 2) the weights, read on rank 0 only (checked: shapes, NaN/inf)
+    # 1) the data, on every rank before any collective: documents long enough for one example (the paper keeps
+    # documents of >= train_len tokens). Raw data is tokenized into the cache by one process per machine while the
+    # others of the machine wait on the cache's file lock (data.py), not in a collective with a timeout.
+    corpus, error = None, None
+    try:
+        corpus = data.load_corpus(s.data, data.Tokenizer(s.model), min_tokens=s.seq_len)
+    except (ValueError, OSError) as e:
+        error = f"rank {rank}: {e}" if rank else str(e)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        raise UsageError(next(e for e in errors if e))
+    # 2) the sharded model: every rank holds storage for its shards only
+    model = sharded_model(ModelConfig(**fields), device, mesh, s.precision, s.cpu_offload, s.grad_checkpointing,
+                          s.compile)
+    # 3) the weights, read on rank 0 only (checked: shapes, NaN/inf) while the others wait (--dist-timeout)
     expected = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}  # whole shapes (DTensor)
     state = on_rank0(lambda: hf.read_state_dict(s.model, fields, expected, torch.float32))
-    # the data: documents long enough for one example (the paper keeps documents of >= train_len tokens); rank 0
-    # tokenizes raw data into the cache first, the others then read it
-    load = lambda: data.load_corpus(s.data, data.Tokenizer(s.model), min_tokens=s.seq_len)  # noqa: E731
-    corpus = on_rank0(load)
-    if rank != 0:
-        corpus = load()
-    # 3) the weights broadcast shard by shard (the other ranks never hold a full copy)
+    # 4) the weights broadcast shard by shard (the other ranks never hold a full copy)
     set_model_state_dict(model, state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del state
     if model.cfg.tie_embeddings:
@@ -213,9 +231,22 @@ class Interrupted(KeyboardInterrupt):
 
 
 def train(s, device, mesh):
+    rank = dist.get_rank()
+    # 1) every check of --out before anything is written, and the run's lock on it (rank 0 holds it to the end)
+    claimed = on_rank0(lambda: rundir.claim(s))
+    start, lock = broadcast(claimed[0] if claimed else None), claimed[1] if claimed else None
+    try:
+        run(s, device, mesh, start)
+    finally:
+        if lock:
+            lock.release()
+
+
+def run(s, device, mesh, start):
     rank, world = dist.get_rank(), dist.get_world_size()
-    # 1) every check of --out before anything is written, then the model, the data, the optimizer
-    start = broadcast(on_rank0(lambda: rundir.find_start(s)))
+    if rank == 0:
+        print("\n".join(s.why + (budget(s),) + resume_note(s, start)), flush=True)
+    # 2) the model, the data, the optimizer
     if device.type == "cuda":  # will it fit? asked before any weight goes to the GPU
         memory.check_fits(memory.plan_of(s), free_memory(device))
     model, corpus = build(s, device, mesh, rank)
@@ -223,19 +254,20 @@ def train(s, device, mesh):
     optimizer = adamw(model, s)
     if start.checkpoint:
         checkpoints.load(model, optimizer, start.checkpoint)
-    # 2) the run directory and its records: args.json, and the log up to the checkpoint we start from
+    # 3) the run directory and its records: args.json, and the log up to the checkpoint we start from
     log = rundir.create(s, start) if rank == 0 else None
     for line in settings.warnings(s) if rank == 0 else []:  # after every check: a failed start prints one line
         cli.warn(line)
     dist.barrier()
     last_checkpoint = start.step
+    losses = [e["loss"] for e in start.log]
     try:
-        # 3) the loop
+        # 4) the loop
         micro_steps = s.batch_size // (world * s.micro_batch_size)
         tokens_per_step = s.batch_size * s.seq_len
         tokens_done = start.log[-1]["tokens"] if start.log else 0
-        with tqdm(total=s.steps, initial=start.step, desc=f"{s.method} {s.train_len}->{s.target}",
-                  disable=rank != 0, dynamic_ncols=True) as bar:
+        with cli.progress(s.steps, f"{s.method} {s.train_len}->{s.target}", "step", enabled=rank == 0,
+                          initial=start.step) as bar:
             for step in range(start.step, s.steps):
                 t0 = time.perf_counter()
                 lr = lr_at(step, s.lr, s.warmup, s.steps)
@@ -243,6 +275,7 @@ def train(s, device, mesh):
                                                               micro_steps)
                 seconds = time.perf_counter() - t0
                 tokens_done += tokens_per_step
+                losses.append(loss)
                 if rank == 0:
                     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -254,19 +287,66 @@ def train(s, device, mesh):
                     if step == start.step and start.resumed_with:
                         entry["resumed_with"] = start.resumed_with  # what --resume changed, from this step on
                     log.append(entry)
+                    if step == start.step and s.steps > step + 1:
+                        bar.write(f"the first step took {seconds:.1f} s: the {s.steps - step - 1} steps left take "
+                                  f"about {duration(seconds * (s.steps - step - 1))}")
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / seconds:.0f}",
-                                    mem=f"{peak:.1f}G")
+                                    mem=f"{peak:.1f}G", refresh=False)
                     bar.update(1)
                 if (s.save_every and (step + 1) % s.save_every == 0) or step + 1 == s.steps:  # the last: resumable
                     checkpoints.save(model, optimizer, s.out, step + 1, s.keep, rank)
                     last_checkpoint = step + 1
-        # 4) the extended model
+        # 5) the extended model, after a warning if the loss rose far above its start
+        diverged = divergence(losses)
+        if diverged and rank == 0:
+            cli.warn(diverged)
         checkpoints.export(model, s.out, s.target, s.model, s.export_dtype, rank)
     except KeyboardInterrupt:
         raise Interrupted(last_checkpoint) from None
-    if rank == 0:
-        removed = checkpoints.delete(s.out) if s.delete_checkpoints else None
-        summary(s, removed)
+    # 6) rank 0's last words while the others wait, then a barrier: every rank leaves the last collective together,
+    # so that no rank closes the process group while another still talks to it
+    on_rank0(lambda: summary(s, checkpoints.delete(s.out) if s.delete_checkpoints else None, diverged))
+    dist.barrier()
+
+
+DIVERGED = 2.0  # a run diverged when its last losses average more than this times its first step's loss
+
+
+def divergence(losses):
+    """A one-line warning when the mean loss of the last tenth of the steps (at least one) is above DIVERGED times the
+    first step's loss; None otherwise."""
+    if len(losses) < 2:
+        return None
+    tail = losses[-max(1, len(losses) // 10):]
+    last = sum(tail) / len(tail)
+    if not last > DIVERGED * losses[0]:  # NaN never reaches here: a non-finite loss stops the run
+        return None
+    return (f"the loss rose from {losses[0]:.4g} at step 1 to {last:.4g} (the mean of the last {len(tail)} steps), "
+            f"more than {DIVERGED:g}x: the run diverged; its model is exported anyway, lower --lr and train again")
+
+
+def budget(s):
+    """The run's token budget, one line."""
+    replay = f" + {s.replay_batch} replay windows x {s.train_len}" if s.replay else ""
+    return (f"budget: {s.steps} steps x {s.batch_size} examples x {s.seq_len} tokens = "
+            f"{s.steps * s.batch_size * s.seq_len:,} tokens{replay}")
+
+
+def resume_note(s, start):
+    """What --resume does to the learning rate when it changes --steps (the decay is stretched to the new end)."""
+    before = start.resumed_with.get("steps")
+    if not before or start.step == 0:
+        return ()
+    old, new = before
+    was, now = lr_at(start.step - 1, s.lr, s.warmup, old), lr_at(start.step, s.lr, s.warmup, new)
+    return (f"--resume with --steps {old} -> {new}: the learning rate's decay is stretched to end at step {new}; "
+            f"it was {was:.2e} at step {start.step} and is {now:.2e} at step {start.step + 1}"
+            + (f" ({now / was:.0f}x higher)" if was and now > 1.5 * was else ""),)
+
+
+def duration(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else \
+        f"{seconds:.0f} s"
 
 
 def optimizer_step(model, optimizer, lr, step, s, corpus, pool, device, micro_steps):
@@ -338,32 +418,78 @@ def position_runs(positions, most=4):
 
 
 def dry_run(s):
-    """--dry-run: every setting, the first examples' positions and the memory plan. Loads no weights (config.json
-    and the tokenizer are all it needs of --model) and writes nothing into --out."""
+    """--dry-run: every setting, why the recipe and the plan-chosen defaults are what they are, the token budget, the
+    first examples' positions and the memory plan. Loads no weights and writes nothing into --out; a --model holding
+    only a config.json is enough (the positions are then drawn without documents)."""
     start = rundir.find_start(s)  # the run's own checks of --out
     print(f"dry run: {'resume from step ' + str(start.step) if start.checkpoint else 'a new run'} in {s.out}; "
           "nothing is loaded to a device or written")
-    print("\n".join(f"  {k:<19} {v}" for k, v in dataclasses.asdict(s).items()))
+    print("\n".join(f"  {k:<19} {v}" for k, v in dataclasses.asdict(s).items() if k != "why"))
+    print("\n".join(s.why + (budget(s), estimate(s)) + resume_note(s, start)))
     for line in settings.warnings(s):
         cli.warn(line)
-    corpus = data.load_corpus(s.data, data.Tokenizer(s.model), min_tokens=s.seq_len)
-    print(f"the first examples ({s.seq_len} tokens each, from {corpus}), their positions:")
-    print("\n".join(f"  example {i}: {position_runs(example(i, s, corpus)[1])}" for i in range(3)))
+    if settings.config_only(s.model):
+        print(f"the first examples ({s.seq_len} tokens each), their positions (drawn without documents: {s.model} has "
+              "no tokenizer; a run's draws depend on its documents):")
+        window = np.zeros(pose.window_length(s.method, s.train_len, s.target), dtype=np.int64)
+        examples = [pose.make_example(s.method, window, s.train_len, s.target, chunks=s.chunks, content=s.content,
+                                      rng=pose.example_rng(s.seed, i), split=s.split) for i in range(3)]
+    else:
+        corpus = data.load_corpus(s.data, data.Tokenizer(s.model), min_tokens=s.seq_len)
+        print(f"the first examples ({s.seq_len} tokens each, from {corpus}), their positions:")
+        examples = [example(i, s, corpus) for i in range(3)]
+    print("\n".join(f"  example {i}: {position_runs(e[1])}" for i, e in enumerate(examples)))
     plan = memory.plan_of(s)
     print(f"memory plan per process: {plan.params:,} parameters, {s.world} process{'es' * (s.world > 1)} on {s.device}, "
           f"micro-batch {s.micro_batch_size} x {s.seq_len} tokens, {s.precision}, activation checkpointing "
           f"{'on' if s.grad_checkpointing else 'off'}, CPU offload {'on' if s.cpu_offload else 'off'}\n{plan.table()}")
-    if s.device == "cuda" and torch.cuda.is_available():
+    if s.device != "cuda":
+        return
+    if s.gpu_memory:
+        free = {f"a GPU of {s.gpu_memory:g} GB (--gpu-memory)": s.gpu_memory * memory.GB}
+    elif torch.cuda.is_available():
         free = {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(min(s.world, torch.cuda.device_count()))}
         print("\n".join(f"{name}: {f / memory.GB:.1f} GB free" for name, f in free.items()))
-        memory.check_fits(plan, free)
-        print(f"fits: {plan.peak / memory.GB:.1f} GB per process")
+    else:
+        return print("no GPU here: --gpu-memory GB plans for GPUs of that memory")
+    memory.check_fits(plan, free)
+    print(f"fits: {plan.peak / memory.GB:.1f} GB per process")
+
+
+H100_BF16 = 989e12  # FLOP/s, dense bf16 peak of an H100 SXM
+MFU = 0.4  # the share of it a dry run's estimate assumes
+
+
+def estimate(s):
+    """The run's duration at a stated rate: 6 FLOPs per parameter and token, plus causal attention, on CUDA at MFU of
+    an H100's bf16 peak per GPU; on the CPU at a third of a matmul rate measured here (the bundled run reaches
+    about that)."""
+    cfg = ModelConfig(**dict(hf.read_config(s.model), rope_scaling=s.rope_scaling))
+    params = memory.plan_of(s).params
+    per_token = 6 * params + 6 * cfg.n_layers * s.seq_len * cfg.n_heads * cfg.head_dim  # QK and AV, fwd + bwd, causal
+    flops = s.steps * (s.batch_size * s.seq_len + s.replay_batch * s.train_len) * per_token
+    if s.device == "cuda":
+        rate, how = s.world * MFU * H100_BF16, f"{MFU:.0%} of an H100's bf16 peak per GPU, a stated rate"
+    else:
+        rate, how = s.world * matmul_rate() / 3, "a third of this CPU's matmul rate, measured now"
+    return f"compute: {flops:.3g} FLOPs, about {duration(flops / rate)} at {how}; the run measures its first step"
+
+
+def matmul_rate(n=512, repeats=8):
+    """FLOP/s of an n x n fp32 matmul on this process's threads."""
+    a = torch.randn(n, n)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 
-def summary(s, removed=None):
-    """What the run left and what to run next (rank 0). removed: the checkpoints folder --delete-checkpoints removed."""
+def summary(s, removed=None, diverged=None):
+    """What the run left and what to run next (rank 0). removed: the checkpoints folder --delete-checkpoints removed;
+    diverged: divergence's warning, repeated last."""
     if removed:
         print(f"removed {removed} (--delete-checkpoints)")
     ctxs = [s.train_len]
@@ -372,19 +498,23 @@ def summary(s, removed=None):
     if ctxs[-1] != s.target:  # a target that is not a power-of-two multiple of the window
         ctxs.append(s.target)
     folder = checkpoints.folder(s.out)
-    data_flag = "" if s.bundled else " --data YOUR_EVAL_DATA"
+    # the toy's evaluation settings (README: the bundled run's table); evaluate.py's default data is the bundled plays
+    toy = s.recipe == "tiny"
+    ctx = " ".join(map(str, ctxs))
     lines = [f"saved the extended model to {s.out} ({checkpoints.disk_usage(s.out) / 2**20:.1f} MB"
              + (f", of which checkpoints/ {checkpoints.disk_usage(folder) / 2**20:.1f} MB: --resume continues from "
                 f"them; delete them when done" if os.path.isdir(folder) else "") + ")",
-             f"next: python evaluate.py --model {os.path.relpath(s.model)} --model {s.out}{data_flag} "
-             f"--ctx {' '.join(map(str, ctxs))}",
-             f"      python passkey.py --model {s.out} --lengths {' '.join(map(str, ctxs))}"]
+             f"next: python evaluate.py --model {os.path.relpath(s.model)} --model {s.out} --ctx {ctx}"
+             + (" --stride 128 --max-tokens 4096" if toy else ""),
+             f"      python passkey.py --model {s.out} --lengths {ctx}" + (" --trials 100" if toy else "")]
     if s.bundled_replay_on_own_data:
         lines.append(f"note: the bundled passkey replay ({os.path.relpath(s.replay)}, {s.replay_batch} windows per "
                      f"step, weight {s.replay_weight:g}) was mixed into your --data; --replay none trains on it alone")
     if s.rope_scaling and s.rope_scaling.get("yarn_variant") == "revised":
         lines.append("note: revised YaRN (yarn_variant) is read by this project only; transformers reads it as "
                      "standard YaRN")
+    if diverged:
+        lines.append(f"warning: {diverged}")
     print("\n".join(lines))
 
 
@@ -396,7 +526,7 @@ def main(argv=None):
         cli.set_threads(s.threads)
         if s.dry_run:
             return dry_run(s) if rank == 0 else None
-        device, mesh = setup_distributed()
+        device, mesh = setup_distributed(s.dist_timeout)
         train(s, device, mesh)
     except KeyboardInterrupt as e:
         if rank == 0:
@@ -411,9 +541,27 @@ def main(argv=None):
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except dist.DistError as e:  # a peer that died or hung: every rank says it, in one line
+        print(f"error: rank {rank}: the process group failed ({one_line(e)})", file=sys.stderr)
+        sys.exit(1)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if s is not None and not s.dry_run:  # only a run makes a process group
+            close_process_group(rank)
+
+
+def one_line(e):
+    return ([line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1][:300]
+
+
+def close_process_group(rank):
+    """Destroy the process group, if any. After a finished run every rank has passed the final barrier, so a failure
+    here loses nothing: it is one line on stderr, and the exit status stays the run's."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001 - whatever the backend raises while closing
+        print(f"warning: rank {rank}: closing the process group failed ({one_line(e)})", file=sys.stderr)
 
 
 if __name__ == "__main__":

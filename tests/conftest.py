@@ -107,3 +107,13 @@ def hf_tokenizer_dirs(tmp_path_factory):
                   open(out / "tokenizer_config.json", "w"))
         dirs[name] = str(out)
     return dirs
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    """train.py's code needs a process group: a one-process gloo group, removed afterwards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()

@@ -19,16 +19,6 @@ TINY = {"dim": 64, "n_heads": 4, "n_kv_heads": 2, "intermediate_size": 128, "voc
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    """train.py's code needs a process group: a one-process gloo group, removed afterwards."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
-    dist.destroy_process_group()
-
-
 def tiny_run(tmp_path, method="pose", train_len=32, target=128, batch_size=2, micro_batch_size=1):
     cfg = bench.bench_config(TINY, 2, train_len)
     return cfg, bench.run_settings(cfg, str(tmp_path), CPU, method, train_len, target, batch_size, micro_batch_size)

@@ -8,6 +8,7 @@ import pytest
 import settings
 import train
 from cli import UsageError
+from helpers import ROOT
 
 
 def resolve(*argv, **kw):
@@ -67,7 +68,7 @@ def test_summary_next_commands_and_the_bundled_replay_note(tmp_path, capsys, tex
     assert "--ctx 256 512 1000" in out and "--lengths 256 512 1000" in out and "note:" not in out
     train.summary(resolve("--target", 1024, "--out", tmp_path / "b", "--data", text_corpus))
     out = capsys.readouterr().out
-    assert "--ctx 256 512 1024\n" in out
+    assert "--ctx 256 512 1024 --stride 128 --max-tokens 4096\n" in out and "YOUR" not in out
     note = [line for line in out.splitlines() if line.startswith("note: the bundled passkey replay")]
     assert len(note) == 1 and "4 windows per step, weight 0.2" in note[0] and "--replay none" in note[0]
     assert os.path.relpath(settings.BUNDLED_REPLAY) in note[0]
@@ -80,3 +81,12 @@ def test_factor_over_the_checkpoint_window_not_the_training_window():
     default = resolve("--target", 2048, "--replay", "none")
     assert short.train_len == 128 and short.rope_scaling == default.rope_scaling
     assert short.rope_scaling["factor"] == 8.0 and short.rope_scaling["original_max_position_embeddings"] == 256
+
+
+def test_the_bundled_runs_next_commands_are_the_readmes(capsys):
+    """Pasted, they print the README's table (its evaluation flags, not evaluate.py's defaults)."""
+    train.summary(resolve("--target", 2048, "--out", "out/pose-2048"))
+    printed = [line.removeprefix("next:").strip() for line in capsys.readouterr().out.splitlines()]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    commands = [c for c in printed if c.startswith(("python evaluate.py", "python passkey.py"))]
+    assert len(commands) == 2 and all(f"\n{c}\n" in readme for c in commands), commands

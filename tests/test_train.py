@@ -304,3 +304,104 @@ def test_replay_stream(tmp_path, tiny_model, stdlib_corpus):
     assert json.load(open(tmp_path / "w" / "args.json"))["replay_weight"] == pytest.approx(2 / 6)
     bad = run_train(common(tiny_model, stdlib_corpus, tmp_path / "bad", **{"--train-len": 16}, **replay), check=False)
     assert bad.returncode == 1 and "holds windows of 32 tokens, not --train-len 16" in bad.stderr
+
+
+def test_one_writer_per_run_directory(tmp_path, tiny_model, stdlib_corpus):
+    """Two train.py on one --out, started together: one runs to the end, the other is refused at once in one line
+    that names the holder, and the log has every step once. A lock left by a killed run is taken over."""
+    out = tmp_path / "dup"
+    args = [sys.executable, TRAIN] + [str(a) for a in common(tiny_model, stdlib_corpus, out, **{"--steps": 6})]
+    env = dict(os.environ, OMP_NUM_THREADS="1", POSE_CACHE=str(tmp_path / "cache"))
+    run_train(common(tiny_model, stdlib_corpus, tmp_path / "warm", **{"--steps": 1}),
+              cache=str(tmp_path / "cache"))  # the corpus prepared once, so that both start at once
+    procs = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    t0 = time.monotonic()
+    done = [None, None]
+    while None in done:
+        for i, p in enumerate(procs):
+            if done[i] is None and p.poll() is not None:
+                done[i] = (p.returncode, time.monotonic() - t0, p.stderr.read())
+        time.sleep(0.1)
+    (ok,), (refused,) = [d for d in done if d[0] == 0], [d for d in done if d[0] != 0]
+    assert refused[1] < 30, refused
+    lines = refused[2].strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(rf"error: --out {re.escape(str(out))} is in use by another train.py "
+                                            r"\(pid \d+ on .+\): wait for it to end or use another --out", lines[0])
+    assert [e["step"] for e in log_of(out)] == list(range(1, 7))
+    assert open(out / ".pose-run.lock").read() == ""  # released at the end
+    # a killed run's lock: its line is left, its flock is gone; the next run (a resume) takes it over and says so
+    (out / ".pose-run.lock").write_text("pid 999999 on elsewhere\n")
+    resumed = run_train(common(tiny_model, stdlib_corpus, out, **{"--steps": 7, "--resume": True}),
+                        cache=str(tmp_path / "cache"))
+    assert "took over the lock of a run that ended without releasing it (pid 999999 on elsewhere)" in resumed.stderr
+    assert [e["step"] for e in log_of(out)] == list(range(1, 8))
+
+
+def test_log_file_progress_is_plain_lines(tmp_path, tiny_model, stdlib_corpus):
+    """train.py's progress in a log file: lines, no carriage returns."""
+    result = run_train(common(tiny_model, stdlib_corpus, tmp_path / "run", **{"--steps": 3}))
+    assert "\r" not in result.stderr and max(map(len, result.stderr.splitlines())) < 1000
+    assert "budget: 3 steps x 4 examples x 32 tokens = 384 tokens" in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the CUDA paths, on the CPU: what train.py asks of torch when it finds a GPU
+
+def test_a_cuda_process_group_has_gloo_beside_nccl_and_an_explicit_timeout(monkeypatch):
+    import torch.distributed as dist
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw["timeout"])))
+    monkeypatch.setattr(train, "init_device_mesh", lambda *a: None)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    monkeypatch.setenv("RANK", "0")
+    device, _ = train.setup_distributed(settings.from_command_line(["--target", "2048"], device="cpu").dist_timeout)
+    assert device.type == "cuda"
+    backend, timeout = calls[0]
+    assert backend == "cuda:nccl,cpu:gloo"  # CPU tensors (--cpu-offload's gradient norm) need gloo
+    assert timeout.total_seconds() >= 3600  # NCCL's default is 10 minutes
+
+
+def test_cpu_offload_materializes_the_model_on_the_cpu_for_a_cuda_run(mesh, monkeypatch):
+    """FSDP2 refuses CPU offload of parameters materialized on the GPU: a CUDA run's offloaded shards live on the
+    CPU from the start, pinned (the pinning itself needs a GPU: recorded here, not done)."""
+    pinned = []
+    real = train.CPUOffloadPolicy
+    monkeypatch.setattr(train, "CPUOffloadPolicy", lambda pin_memory: pinned.append(pin_memory) or real(False))
+    cfg = ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, n_kv_heads=2, intermediate_size=32,
+                      max_position_embeddings=32)
+    model = train.sharded_model(cfg, torch.device("cuda"), mesh, cpu_offload=True)
+    assert {p.device.type for p in model.parameters()} == {"cpu"} and pinned == [True]
+
+
+def test_cuda_defaults_come_from_the_memory_plan(tmp_path):
+    """Activation checkpointing only where the plan without it does not fit; the micro-batch as large as fits."""
+    def plan(gb, *extra):
+        s = settings.from_command_line(["--model", os.path.join(ROOT, "assets", "configs", "llama-7b"), "--target",
+                                        "16384", "--world", "8", "--device", "cuda", "--gpu-memory", str(gb),
+                                        "--dry-run", "--out", str(tmp_path / "x"), *extra])
+        return s.grad_checkpointing, s.micro_batch_size, s.why
+    checkpointing, micro, why = plan(80)
+    assert not checkpointing and micro >= 4, why
+    assert any(line.startswith("activation checkpointing off") for line in why)
+    assert plan(24)[0]
+    assert plan(80, "--grad-checkpointing")[:2] == (True, 8)  # given flags stay; the other follows the plan
+    assert plan(80, "--micro-batch-size", "1")[:2] == (False, 1)
+    cpu = settings.from_command_line(["--model", os.path.join(ROOT, "assets", "configs", "llama-7b"), "--target",
+                                      "16384", "--dry-run", "--device", "cpu"])
+    assert (cpu.micro_batch_size, cpu.grad_checkpointing, cpu.recipe) == (1, False, "paper")  # CPU: as before
+
+
+def test_dry_run_on_a_config_only_directory(tmp_path, capsys):
+    """The must-hold of a first 8-GPU plan: a directory with only LLaMA-7B's config.json is enough."""
+    model = tmp_path / "llama-7b"
+    model.mkdir()
+    shutil.copy(os.path.join(ROOT, "assets", "configs", "llama-7b", "config.json"), model)
+    train.main(["--model", str(model), "--target", "16384", "--world", "8", "--device", "cuda", "--dry-run",
+                "--gpu-memory", "80", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "activation checkpointing off" in out and "micro-batch 4" in out and "fits:" in out
+    assert "budget: 1000 steps x 64 examples x 2048 tokens" in out and "compute:" in out
+    assert "example 0: 0-" in out and not os.path.exists(tmp_path / "out")
