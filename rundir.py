@@ -77,9 +77,12 @@ class RunLock:
 
     def __init__(self, out):
         self.out, self.created = out, not os.path.exists(out)
-        os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, LOCK)
-        self.file = open(self.path, "a+")
+        try:
+            os.makedirs(out, exist_ok=True)
+            self.file = open(self.path, "a+")
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

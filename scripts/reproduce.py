@@ -877,6 +877,21 @@ def records_of(entry):
     return out
 
 
+def log_ticks(ax):
+    """The perplexity axis, labelled as plain numbers over its whole range: linear within one decade, else log with
+    ticks at 1-9 times each power of ten over less than two decades and at 1, 2 and 5 times them over more. Call it
+    once the data are plotted."""
+    import matplotlib.ticker
+    low, high = ax.get_ylim()
+    if high / low < 10:
+        return
+    ax.set_yscale("log")
+    subs = range(1, 10) if high / low < 100 else (1, 2, 5)
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def plots(results, folder):
     import matplotlib
     matplotlib.use("Agg")
@@ -898,9 +913,7 @@ def plots(results, folder):
         ax.set_xscale("log", base=2)
         ax.set_xticks(keys, [str(k) for k in keys])
         if metric == "ppl":
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            log_ticks(ax)
         else:
             ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("context (tokens)")

@@ -48,7 +48,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import cli  # noqa: E402
-from reproduce import (git_state, mean_std, read_json, row_dir, write_atomically, write_json,  # noqa: E402
+from reproduce import (git_state, log_ticks, mean_std, read_json, row_dir, write_atomically, write_json,  # noqa: E402
                        write_text)
 
 RESULTS = os.path.join(ROOT, "results", "smollm2")
@@ -495,7 +495,8 @@ def plots(results, folder):
             if "ppl" in r:
                 ax.plot(s["ctx"], [r["ppl"][str(c)]["ppl"] for c in s["ctx"]], marker="o", label=row["label"])
     ax.axvline(s["window"], color="gray", linestyle=":", linewidth=0.8)
-    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="perplexity",
+    log_ticks(ax)
+    ax.set(xscale="log", xlabel="context (tokens)", ylabel="perplexity",
            title=SMOKE if s["mode"] == "quick" else "held-out perplexity")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
