@@ -116,7 +116,8 @@ def add_memory_options(parser):
     parser.add_argument("--dry-run", action="store_true", help="print the memory plan and the path it chooses, then "
                         "exit; reads config.json alone, loads nothing")
     parser.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
-                        help="with --dry-run: plan for a GPU with this much free memory (default: measured on CUDA)")
+                        help="with --dry-run: plan for a GPU of this memory (default: the free memory of this "
+                             "machine's GPU)")
 
 
 def check_memory_options(args):
@@ -124,7 +125,7 @@ def check_memory_options(args):
     if args.gpu_memory is None:
         return
     if args.gpu_memory <= 0:
-        raise UsageError(f"--gpu-memory must be > 0, got {args.gpu_memory:g}")
+        raise UsageError(f"--gpu-memory must be > 0 GB, got {args.gpu_memory:g}")
     if not args.dry_run:
         raise UsageError("--gpu-memory plans a --dry-run; a run measures the GPU's free memory")
     if not str(args.device or default_device()).startswith("cuda"):

@@ -7,6 +7,7 @@
     # tiny CPU run (seconds): the bundled tiny model (scripts/pretrain_tiny.sh, a 256-token window) on two plays;
     # ctx 512 is beyond its window: a warning, and the perplexity shows it
     python evaluate.py --model assets/tiny --data assets/books/eval --ctx 128 256 512 --stride 64 --docs 2
+    python evaluate.py --model pose-2k-16k --ctx 32768 --device cuda --gpu-memory 24 --dry-run   # will it fit?
 
 The protocol. A document is stored as BOS x_0 .. x_{n-1} (data.py). For a context size `ctx` and a `stride`,
 window k = 0, 1, ... covers the document tokens [b_k, e_k) with
@@ -51,6 +52,11 @@ llama3 scaling are built on is --original-len if given, else the checkpoint's (r
 the window the scaling supports (original * factor; the original window without scaling) is a warning, not an error:
 that is where the Original rows of Table 1 are > 10^3.
 
+Memory (memory.eval_plan): one forward pass per window of the largest ctx, no KV cache. On CUDA the plan is checked
+against the free memory before any weight is loaded.
+--dry-run prints the plan (weights, KV cache, the forward's largest temporaries, the peak); it reads config.json alone.
+--gpu-memory GB states a GPU's free memory for a dry run; a CUDA run measures it (torch.cuda.mem_get_info).
+
 In code (bench.py): `evaluate.perplexity(model, docs, ctx, stride)` -> {"ppl", "nll", "tokens", "windows", ...}.
 """
 import json
@@ -63,7 +69,8 @@ import torch
 import cli
 import data
 import hf
-from model import LLaMA
+import memory
+from model import LLaMA, ModelConfig
 from rope import CHECKPOINT, describe_rope, original_window, scaling_from_spec, supported_window
 
 DEFAULT_DOCS = 50  # the paper's 50 documents of GovReport / Proof-pile (section 4.2)
@@ -159,6 +166,7 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=None,
                    help="truncate documents to this many tokens, BOS included (default: the largest ctx; 0: keep all)")
     cli.add_model_options(p, CHECKPOINT)
+    cli.add_memory_options(p)
     p.add_argument("--json", metavar="FILE", help="write every number printed, and more, to FILE")
     cli.add_threads(p)
     args = p.parse_args(argv)
@@ -181,6 +189,7 @@ def parse_args(argv=None):
         for spec in args.rope:
             scaling_from_spec(spec, 2048)  # syntax only: the original window is the model's, known once loaded
         cli.check_outputs(args)
+        cli.check_memory_options(args)
     except ValueError as e:
         p.error(str(e))
     args.device = args.device or cli.default_device()
@@ -202,9 +211,23 @@ def load_docs(path, tokenizer, n_docs, min_tokens, max_tokens, threads=None):
     return [corpus[i][:max_tokens or None] for i in range(min(n_docs, len(corpus)))]
 
 
+def plan_memory(path, args):
+    """The memory plan of a model's rows, from its config.json alone (memory.evaluation_path): one forward pass per
+    window of the largest ctx, no KV cache, the loss's logits a chunk of rows at a time."""
+    cfg = ModelConfig(**hf.read_config(path))
+    plan = memory.eval_plan(cfg, max(args.ctx), cli.torch_dtype(args.dtype, args.device), logit_rows=None,
+                            no_cache="each window scored in one forward pass")
+    what = f"perplexity of {os.path.basename(os.path.normpath(path))} at ctx {max(args.ctx)}"
+    return memory.evaluation_path(args, what, [("one forward pass per window", plan)], "give a smaller --ctx")
+
+
 def main(argv=None):
     args = parse_args(argv)
     cli.set_threads(args.threads)
+    for path in args.model:  # printed by --dry-run; checked on CUDA before any weight is loaded
+        plan_memory(path, args)
+    if args.dry_run:
+        return
     # 1) everything that can fail on bad input, for every model, before any long computation
     docs, by_tokenizer = {}, {}  # models that share a tokenizer share the documents
     for path in args.model:

@@ -16,6 +16,12 @@ compute, 4 for fp32):
 The peak is the larger of the forward/backward peak and the optimizer step's. It is an upper bound of what the
 allocator holds (tests/test_memory.py measures a CPU run against it), not counting the CUDA context (~0.5 GB),
 NCCL's buffers or fragmentation.
+
+An evaluation (evaluate.py, passkey.py, recall.py) is planned for one process without gradients (eval_plan): the
+weights in the load dtype, the KV cache where the tool keeps one, and the largest moment of the forward pass
+(forward_moments). Each tool lists its paths in order of preference (passkey: cached decoding, then none) and takes
+the first that fits the GPU's free memory (evaluation_path); tests/test_memory.py measures CPU forward passes against
+the plan.
 """
 import math
 from dataclasses import dataclass
@@ -23,8 +29,9 @@ from dataclasses import dataclass
 import torch
 
 import hf
-from cli import UsageError
+from cli import UsageError, warn
 from model import LLaMA, ModelConfig
+from rope import normalize_rope_scaling, original_window, scaling_from_spec, supported_window
 
 GB = 1e9  # decimal gigabytes
 
@@ -163,3 +170,118 @@ def check_fits(plan, free):
         raise UsageError(f"the run needs about {plan.peak / GB:.1f} GB per process (--dry-run shows the plan) and "
                          f"{where} has {free[where] / GB:.1f} GB free: lower --micro-batch-size, or use "
                          "--grad-checkpointing or --cpu-offload")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluation: one process, no gradients (evaluate.py, passkey.py, recall.py)
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def forward_moments(cfg, b):
+    """(name, what is held, bytes per token) at each of the largest moments of a forward pass without gradients,
+    beside the weights and the KV cache, as model.py allocates them in dtype b (bytes). The int64 positions live
+    through the pass; a block's input x to the block's end (its caller holds it); its normalized copy n, and q, k, v,
+    cos and sin, to the attention's end.
+      RMSNorm    two fp32 copies of its input at once (x.float() with its square, then with x / rms): 8 B per channel
+      RoPE       apply_rope in fp32: the input's copy (b < 4), its rotate-half, two products and their sum
+      attention  flash-attn's and SDPA's fused kernels keep no T x T matrix: the output, its reshaped copy, o_proj's
+                 output
+      MLP        silu(gate), up and their product, each b x intermediate"""
+    d, hd, inter = cfg.dim, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    xn = 8 + 2 * b * d  # the positions, x and n
+    qkv, trig = b * (q + 2 * kv), 2 * 4 * hd  # q, k and v; cos and sin in fp32
+    rope = 16 + (4 if b < 4 else 0)
+    return [("RMSNorm", "positions, x, x + attention, two fp32 copies", 8 + 2 * b * d + 8 * d),
+            ("RoPE on q", "positions, x, n, q, k, v, cos, sin, q's fp32 temporaries", xn + qkv + trig + rope * q),
+            ("RoPE on k", "positions, x, n, q, k, v, rotated q, cos, sin, k's fp32 temporaries",
+             xn + qkv + b * q + trig + rope * kv),
+            ("attention output", "positions, x, n, q, k, v, cos, sin, the output, its reshaped copy, o_proj's output",
+             xn + qkv + trig + 2 * b * q + b * d),
+            ("MLP", "positions, x, x + attention, n, silu(gate), up and their product",
+             8 + 3 * b * d + 3 * b * inter)]
+
+
+def eval_plan(cfg, tokens, dtype=torch.bfloat16, cache_tokens=0, logit_rows=1, no_cache="no cache"):
+    """The Plan of one evaluation process: the weights in `dtype`; a KV cache preallocated for `cache_tokens` tokens
+    (0: none, and `no_cache` says what the tool does instead); the largest moment of a forward pass over `tokens`
+    tokens (forward_moments), or of its output layer on `logit_rows` rows (None: model.loss's chunks of rows)."""
+    with torch.device("meta"):
+        model = LLaMA(cfg)
+    b, L, V, d = dtype.itemsize, cfg.n_layers, cfg.vocab_size, cfg.dim
+    count = sum(p.numel() for p in model.parameters())
+    rows = min(model.loss_chunk, tokens) if logit_rows is None else logit_rows
+    moments = [(name, f"{tokens:,} tokens x {per:,} B ({held})", tokens * per)
+               for name, held, per in forward_moments(cfg, b)]
+    # the output layer: the final hidden states, fp32 logits of the scored rows and log-softmax's (logsumexp's) copy;
+    # model.loss computes a chunk's logits (in b, then in fp32) while the previous chunk's are still held
+    chunked = logit_rows is None and tokens > rows and b < 4
+    moments.append(("output layer", f"{tokens:,} x {b * d} B (the final hidden states) + {rows:,} x {V} x "
+                                    f"{8 + b * chunked} B (" + (f"a chunk of fp32 logits, and the next one's in "
+                                                                f"{DTYPE_NAMES[dtype]} and fp32)" if chunked else
+                                                                "fp32 logits and their log-softmax)"),
+                    tokens * b * d + rows * V * (8 + b * chunked)))
+    largest = max(moments, key=lambda m: m[2])
+    cache = L * 2 * cache_tokens * cfg.n_kv_heads * cfg.head_dim * b
+    table = [Row(f"{DTYPE_NAMES[dtype]} weights", f"{count:,} x {b} B", count * b),
+             Row(f"KV cache, preallocated for {cache_tokens:,} tokens" if cache_tokens else
+                 f"KV cache: none ({no_cache})",
+                 f"{L} layers x 2 x {cache_tokens:,} x {cfg.n_kv_heads} x {cfg.head_dim} x {b} B" if cache_tokens
+                 else "-", cache),
+             Row(f"the forward's largest temporaries: {largest[0]}", largest[1], largest[2])]
+    scores = cfg.n_heads * tokens ** 2 * b
+    notes = ["the forward's other moments: " + ", ".join(f"{name} {n / GB:.2f} GB" for name, _, n in moments
+                                                         if name != largest[0]),
+             f"attention: SDPA's math kernel (no fused kernel, or a sliding-window mask without flash-attn) adds "
+             f"{cfg.n_heads} x {tokens} x {tokens} x {b} B of scores: {scores / GB:.2f} GB more",
+             "not counted: the CUDA context (about 0.5 GB) and the allocator's fragmentation"]
+    return Plan(count, tuple(table), sum(r.bytes for r in table), "the rows above", 0, tuple(notes))
+
+
+def rope_windows(cfg, spec, original_len=None):
+    """(rope_scaling, original window, supported window) of a ModelConfig under a --rope spec, as the evaluation
+    commands set them on the loaded model (rope.scaling_from_spec, then LLaMA.set_rope_scaling); original_len:
+    --original-len."""
+    own = cfg.rope_scaling
+    original = original_len or original_window(own, cfg.max_position_embeddings)
+    scaling = normalize_rope_scaling(scaling_from_spec(spec, original, checkpoint=own), cfg.max_position_embeddings)
+    return scaling, original, supported_window(scaling, original)
+
+
+def gpu_free(device, gpu_memory=None):
+    """{name: free bytes} of an evaluation's GPU: gpu_memory GB as stated (--gpu-memory), else measured on CUDA
+    (torch.cuda.mem_get_info, as train.py); None on a CPU."""
+    if gpu_memory is not None:
+        return {f"a GPU of {gpu_memory:g} GB (--gpu-memory)": gpu_memory * GB}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return {str(device): torch.cuda.mem_get_info(torch.device(device))[0]}
+    return None
+
+
+def evaluation_path(args, what, candidates, hint):
+    """The path an evaluation command takes: the first of `candidates`, (path, Plan) pairs in order of preference,
+    whose peak fits the GPU's free memory (gpu_free of args.device and args.gpu_memory); the first on a CPU.
+    args.dry_run: print the chosen plan and the path. A CUDA run warns when it leaves the first path. None fits:
+    UsageError in one line, naming what the least needs, the free memory and `hint`."""
+    free = gpu_free(args.device, args.gpu_memory)
+    where = next(iter(free)) if free else None
+    fits = [c for c in candidates if free is None or c[1].peak <= free[where]]
+    path, plan = (fits or candidates[-1:])[0]
+    left = "; ".join(f"{p} needs about {c.peak / GB:.1f} GB" + (f", its KV cache {c.rows[1].bytes / GB:.2f} GB"
+                                                               if c.rows[1].bytes else "")
+                     for p, c in candidates[:candidates.index((path, plan))])
+    if args.dry_run:
+        print(f"dry run: {what}; config.json alone is read, nothing is loaded\n"
+              f"memory plan of one process on {args.device}, {path}: {plan.params:,} parameters\n{plan.table()}")
+        print(f"{where}: {free[where] / GB:.1f} GB free" if free else
+              "no GPU here: --gpu-memory GB plans for a GPU of that memory" if str(args.device).startswith("cuda") else
+              f"{args.device}: the free memory is not checked")
+    if not fits:
+        raise UsageError(f"{what} needs about {plan.peak / GB:.1f} GB ({path}; --dry-run shows the plan) and {where} "
+                         f"has {free[where] / GB:.1f} GB free: {hint}")
+    if args.dry_run:
+        print(f"path: {path}" + (f"; {left}" if left else ""))
+    elif left:
+        warn(f"{what}: {left}; {where} has {free[where] / GB:.1f} GB free: {path}")
+    return path

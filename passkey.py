@@ -4,6 +4,7 @@
     python passkey.py --model llama-7b --rope linear:8 --lengths 2048 4096 8192 16384      # the PI-only baseline
     # tiny CPU run (seconds): the bundled tiny model (scripts/pretrain_tiny.sh, a 256-token window)
     python passkey.py --model assets/tiny --lengths 128 256 512 --trials 10 --plot passkey.png
+    python passkey.py --model pose-2k-128k --lengths 131072 --device cuda --gpu-memory 80 --dry-run  # will it fit?
 
 The prompt is the one of Mohtashami & Jaggi (2023) that the paper shows in Figure 2a, one part per line:
 
@@ -32,6 +33,12 @@ last position's logits are computed (Decoder: model.hidden_states, then model.lm
 correct when the first run of digits in the answer is exactly the key (as the official PoSE code,
 src/eval_passkey.py: "123456" is wrong for 12345).
 
+Memory (memory.eval_plan): on CUDA the KV cache is used where the plan with it fits the free memory, else the run
+decodes without it and says so; where neither fits, it stops before loading the weights.
+--dry-run prints the plan (weights, KV cache, the forward's largest temporaries, the peak) and the path; it reads
+config.json alone.
+--gpu-memory GB states a GPU's free memory for a dry run; a CUDA run measures it (torch.cuda.mem_get_info).
+
 Default lengths: the original window times 1, 2, 4, ... up to the window the rotary scaling supports (at least 2x
 the original, so that even an unscaled model shows where it breaks). A length beyond the supported window is a
 warning: that is the point of the test.
@@ -46,8 +53,9 @@ import torch
 
 import cli
 import hf
+import memory
 from data import Tokenizer
-from model import KVCache, LLaMA
+from model import KVCache, LLaMA, ModelConfig
 from prompts import FILLER, KEY_LINE, QUESTION, TASK, prompt_text  # noqa: F401 (passkey.TASK etc.: scripts read them)
 from rope import CHECKPOINT, describe_rope, original_window, rope_type, scaling_from_spec, supported_window
 
@@ -297,6 +305,7 @@ def parse_args(argv=None):
                    help="re-read the whole sequence for each answer token instead of using a KV cache (default: "
                         "cache)")
     cli.add_model_options(p, CHECKPOINT, rows=False)
+    cli.add_memory_options(p)
     p.add_argument("--json", metavar="FILE", help="write one record per trial and the accuracy per length "
                                                   "(default: none)")
     p.add_argument("--plot", metavar="FILE", help="write an accuracy heatmap over length x depth (.png, .pdf, ...; "
@@ -313,15 +322,33 @@ def parse_args(argv=None):
             cli.positive("--original-len", args.original_len)
         scaling_from_spec(args.rope, 2048)  # syntax only: the original window is the model's
         cli.check_outputs(args)
+        cli.check_memory_options(args)
     except ValueError as e:
         p.error(str(e))
     args.device = args.device or cli.default_device()
     return args
 
 
+def plan_memory(args):
+    """The decoding path, from config.json alone (memory.evaluation_path): a KV cache for the longest prompt and its
+    answer where it fits, else none (the prompt and answer re-read at every step)."""
+    cfg = ModelConfig(**hf.read_config(args.model))
+    scaling, original, supported = memory.rope_windows(cfg, args.rope, args.original_len)
+    longest = max(args.lengths or default_lengths(original, supported))
+    tokens, dtype = longest + args.max_new_tokens, cli.torch_dtype(args.dtype, args.device)
+    paths = [("no cache", memory.eval_plan(cfg, tokens, dtype, no_cache="the prompt and answer re-read per token"))]
+    if args.cache and rope_type(scaling) != "dynamic":  # Decoder re-reads under dynamic NTK anyway
+        paths.insert(0, ("cached decoding", memory.eval_plan(cfg, longest, dtype, cache_tokens=tokens)))
+    what = f"passkey on {os.path.basename(os.path.normpath(args.model))} with prompts up to {longest} tokens"
+    return memory.evaluation_path(args, what, paths, "give shorter --lengths")
+
+
 def main(argv=None):
     args = parse_args(argv)
     cli.set_threads(args.threads)
+    use_cache = plan_memory(args) == "cached decoding"  # printed by --dry-run; checked on CUDA before any weight
+    if args.dry_run:
+        return
     # 1) bad input first: the model directory, its tokenizer, lengths too short for the prompt
     hf.read_config(args.model)
     tok = Tokenizer(args.model)
@@ -341,7 +368,7 @@ def main(argv=None):
                  f"{', '.join(map(str, over))}")
     # 2) the trials
     records = run_passkey(model, tok, lengths, args.trials, args.seed, args.max_new_tokens, progress=True,
-                          use_cache=args.cache)
+                          use_cache=use_cache)
     rows = accuracy_by_length(records)
     print(f"passkey retrieval, {name}, rope {rope}, {cli.plural(args.trials, 'trial')} per length, seed {args.seed}")
     print(format_table(rows))

@@ -5,6 +5,7 @@ distance, and several labelled keys with one asked for.
     python recall.py --model llama-7b --rope none linear:8 --distances 1024 4096 16384     # the same weights, 2 rows
     # tiny CPU run (a minute or two): the bundled base (a 256-token window) and its extension
     python recall.py --model assets/tiny --model out/pose-2048 --distances 64 128 192 512 1024 1536
+    python recall.py --model out/pose-16k --device cuda --gpu-memory 24 --dry-run              # will it fit?
 
 Why. Perplexity beyond the window says whether a model is broken more than whether it uses what it read, and the
 passkey at a random depth saturates: a method can pass both and still not read far back. Each task here puts the
@@ -46,6 +47,11 @@ every 30 s in a log file); --json with, per model, `distances` and the per-dista
 aligned with `distances`, null where a task was skipped), `effective_distance` ({task: d}), and every probe (with its
 `sequence`) and trial; --plot draws each metric against distance, the original window and the supported window
 marked.
+
+Memory (memory.eval_plan): one forward pass per sequence, no KV cache, planned for the longest sequence from the
+distances alone. On CUDA the plan is checked against the free memory before any weight is loaded.
+--dry-run prints the plan (weights, KV cache, the forward's largest temporaries, the peak); it reads config.json alone.
+--gpu-memory GB states a GPU's free memory for a dry run; a CUDA run measures it (torch.cuda.mem_get_info).
 """
 import json
 import os
@@ -57,7 +63,8 @@ import torch
 import cli
 import data
 import hf
-from model import LLaMA
+import memory
+from model import LLaMA, ModelConfig
 from prompts import FILLER, KEY_LINE, QUESTION, TASK
 from rope import CHECKPOINT, describe_rope, original_window, scaling_from_spec, supported_window
 
@@ -458,6 +465,7 @@ def parse_args(argv=None):
     p.add_argument("--keys", type=int, default=4, help="multikey: keys per prompt, one asked for (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of every construction (default 0)")
     cli.add_model_options(p, CHECKPOINT)
+    cli.add_memory_options(p)
     cli.add_threads(p)
     p.add_argument("--json", metavar="FILE", help="write the means and every probe and trial to FILE")
     p.add_argument("--plot", metavar="FILE", help="write the metrics against distance (.png, .pdf, ...)")
@@ -480,6 +488,7 @@ def parse_args(argv=None):
         for spec in args.rope:
             scaling_from_spec(spec, 2048)  # syntax only
         cli.check_outputs(args)
+        cli.check_memory_options(args)
     except ValueError as e:
         p.error(str(e))
     args.device = args.device or cli.default_device()
@@ -493,9 +502,43 @@ def default_distances(window, supported):
     return distances
 
 
+def longest_forward(distances, window, passage, tasks, keys):
+    """(tokens, rows): upper bounds of the longest forward pass and of the rows its output layer scores, from the
+    distances alone (no tokenizer). A copy sequence fills its length group and scores 2 x (passage - 1) rows per
+    probe, one probe per distance at most. A key prompt fills the length group of the distance plus the text before
+    its key line (the task and the distractors: at most a token per character, a BOS and a leading space), then reads
+    its answer (a space and 5 digits) and scores those tokens and the one after."""
+    distractor = len(MULTI_KEY_LINE.format(label=max(LABELS, key=len), key=99999)) + 1
+    before = 2 + len(TASK) + 1 + (keys - 1) * distractor * ("multikey" in tasks)
+    lengths = [group_length(d + 2 * passage + 1, window) for d in distances] if "copy" in tasks else []
+    if {"passkey", "multikey"} & set(tasks):
+        lengths += [group_length(d + before, window) + 6 for d in distances]
+    return max(lengths), max(2 * (passage - 1) * len(distances) * ("copy" in tasks), 7)
+
+
+def plan_memory(path, args):
+    """The memory plan of a model's rows, from its config.json alone (memory.evaluation_path): one teacher-forced
+    forward pass per sequence, no KV cache, over the longest sequence of any --rope row."""
+    cfg = ModelConfig(**hf.read_config(path))
+    tokens, rows = 0, 0
+    for spec in args.rope:
+        _, original, supported = memory.rope_windows(cfg, spec, args.original_len)
+        distances = args.distances or default_distances(original, supported)
+        tokens, rows = map(max, zip((tokens, rows), longest_forward(distances, original, args.passage, args.tasks,
+                                                                     args.keys)))
+    plan = memory.eval_plan(cfg, tokens, cli.torch_dtype(args.dtype, args.device), logit_rows=rows,
+                            no_cache="each sequence scored in one forward pass")
+    what = f"recall of {os.path.basename(os.path.normpath(path))} in sequences up to {tokens} tokens"
+    return memory.evaluation_path(args, what, [("one forward pass per sequence", plan)], "give shorter --distances")
+
+
 def main(argv=None):
     args = parse_args(argv)
     cli.set_threads(args.threads)
+    for path in args.model:  # printed by --dry-run; checked on CUDA before any weight is loaded
+        plan_memory(path, args)
+    if args.dry_run:
+        return
     # 1) bad input first: every model directory, its tokenizer and the held-out text
     streams = {}
     for path in args.model:

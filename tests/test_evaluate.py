@@ -232,3 +232,25 @@ def test_parse_errors_are_one_line(args, message, capsys):
     assert exit_info.value.code == 1 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: ") and message in err
     assert "\n" not in str(exit_info.value)
+
+
+def test_dry_run_reads_config_json_alone(tiny_model_dir, tmp_path, capsys):
+    """--dry-run on a directory holding only a config.json, with --data missing: the plan of the largest ctx (weights,
+    a KV-cache line, the largest temporaries, the peak) and the path, on the CPU with no memory to check."""
+    import shutil
+
+    import hf
+    import memory
+    shutil.copy(os.path.join(tiny_model_dir, "config.json"), tmp_path)
+    evaluate.main(["--model", str(tmp_path), "--data", str(tmp_path / "missing"), "--ctx", "64", "128", "--device",
+                   "cpu", "--dry-run"])
+    out = capsys.readouterr().out
+    plan = memory.eval_plan(ModelConfig(**hf.read_config(str(tmp_path))), 128, torch.float32, logit_rows=None,
+                            no_cache="each window scored in one forward pass")
+    lines = out.splitlines()
+    assert lines[0] == f"dry run: perplexity of {tmp_path.name} at ctx 128; config.json alone is read, nothing is " \
+                       "loaded"
+    assert plan.table() in out and "| KV cache: none (each window scored in one forward pass) | - | 0.00 |" in lines
+    assert any(line.startswith("| **peak per process** | the rows above | **") for line in lines)
+    assert lines[-2:] == ["cpu: the free memory is not checked", "path: one forward pass per window"]
+    assert os.listdir(tmp_path) == ["config.json"]

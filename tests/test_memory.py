@@ -121,5 +121,86 @@ def test_world_and_device_plan_a_dry_run_only():
         settings.from_command_line(["--target", "2048", "--world", "8"])
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluation
+
+def forward_worker(tokens=4096):
+    """Forward passes of the bundled model without gradients, as the evaluation tools run them: passkey's without and
+    with a KV cache in bf16, evaluate's chunked loss in fp32. Prints, for each, the growth of the peak resident set
+    and the plan's peak less the weights."""
+    import torch
+
+    import memory
+    from model import KVCache, LLaMA
+    out = {}
+    for name, dtype in (("no cache", torch.bfloat16), ("cache", torch.bfloat16), ("loss", torch.float32)):
+        model = LLaMA.from_pretrained(cli.BUNDLED_MODEL, dtype=dtype)
+        ids = torch.randint(0, model.cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            model.loss(ids, ids)  # at full size first: BLAS and allocator buffers that stay are not the forward's
+        before = status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident set (VmHWM)
+        with torch.inference_mode():
+            if name == "loss":
+                model.loss(ids, ids)
+                plan = memory.eval_plan(model.cfg, tokens, dtype, logit_rows=None)
+            else:
+                cache = KVCache.for_model(model, tokens + 8) if name == "cache" else None
+                for t in cache.keys + cache.values if cache else []:
+                    t.zero_()  # resident, as a GPU allocation is from the start
+                model.lm_head(model.hidden_states(ids, cache=cache)[:, -1]).float()  # passkey.Decoder.start
+                plan = memory.eval_plan(model.cfg, tokens, dtype, cache_tokens=tokens + 8 if cache else 0)
+        out[name] = dict(measured=status_bytes("VmHWM") - before, planned=plan.peak - plan.rows[0].bytes,
+                         largest=plan.rows[2].what)
+    print(json.dumps(out))
+
+
+def test_evaluation_plan_against_cpu_forward_passes():
+    """The plan counts what model.py holds at once; the resident set follows it (as above) to within RSS noise."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    res = subprocess.run([sys.executable, "-c", "import test_memory; test_memory.forward_worker()"],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    assert m["no cache"]["largest"].endswith("RoPE on k") and m["loss"]["largest"].endswith("output layer"), m
+    for name, r in m.items():
+        assert r["measured"] <= 1.01 * r["planned"] <= 1.04 * r["measured"], (name, r)
+
+
+LLAMA_7B_128K = dict(max_position_embeddings=131072, rope_scaling={"rope_type": "linear", "factor": 64.0})
+
+
+def test_evaluation_planner_chooses_no_cache_at_128k_on_80_gb():
+    """LLaMA-7B in bf16: the KV cache of a 131072-token prompt and 8 answer tokens is 68.7 GB, beside 13.5 GB of
+    weights; the planner takes the path without a cache, and the cache at 4096 tokens."""
+    import argparse
+
+    import torch
+
+    import memory
+    from cli import UsageError
+    from model import ModelConfig
+    cfg = ModelConfig(**LLAMA_7B_128K)
+    args = argparse.Namespace(device="cuda", gpu_memory=80, dry_run=False)
+
+    def path(tokens, free=80):
+        paths = [("cached decoding", memory.eval_plan(cfg, tokens, torch.bfloat16, cache_tokens=tokens + 8)),
+                 ("no cache", memory.eval_plan(cfg, tokens + 8, torch.bfloat16))]
+        return memory.evaluation_path(argparse.Namespace(**{**vars(args), "gpu_memory": free}), "passkey", paths,
+                                      "give shorter --lengths"), paths
+
+    chosen, paths = path(131072)
+    cached, uncached = paths[0][1], paths[1][1]
+    assert chosen == "no cache" and cached.peak > 80e9 >= uncached.peak
+    assert cached.part("KV cache") == 32 * 2 * 131080 * 32 * 128 * 2 and round(cached.part("KV cache") / 1e9, 1) == 68.7
+    assert uncached.part("bf16 weights") == 6_738_415_616 * 2 and uncached.part("KV cache") == 0
+    assert path(4096)[0] == "cached decoding"
+    with pytest.raises(UsageError, match=r"^passkey needs about 30.8 GB \(no cache; --dry-run shows the plan\) and "
+                                         r"a GPU of 20 GB \(--gpu-memory\) has 20.0 GB free: give shorter --lengths$"):
+        path(131072, free=20)
+
+
 if __name__ == "__main__":
     worker(sys.argv[1:])

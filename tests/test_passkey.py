@@ -259,3 +259,59 @@ def test_cli(tiny_model_dir, tmp_path):
         assert row["prompt_tokens_max"] <= row["length"]
     assert open(tmp_path / "good.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert sorted(os.listdir(tmp_path)) == ["good.json", "good.png"]  # no temporary files left
+
+
+LLAMA_7B_128K = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+                 "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "max_position_embeddings": 131072, "rope_scaling": {"type": "linear", "factor": 64.0},
+                 "torch_dtype": "bfloat16"}  # LLaMA-7B's 2048 positions x 64: max_position_embeddings is the window
+
+
+def test_dry_run_at_128k_on_80_gb_decodes_without_a_cache(tmp_path, capsys):
+    """A directory holding only a config.json: the plan's KV-cache and peak lines, the peak within 80 GB, and the path
+    without a cache (the cache alone would be 68.7 GB beside 13.5 GB of weights)."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_7B_128K))
+    passkey.main(["--model", str(tmp_path), "--lengths", "131072", "--device", "cuda", "--dtype", "bf16",
+                  "--gpu-memory", "80", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("| KV cache")] == \
+        ["| KV cache: none (the prompt and answer re-read per token) | - | 0.00 |"]
+    assert "| bf16 weights | 6,738,415,616 x 2 B | 13.48 |" in lines
+    peak = [re.fullmatch(r"\| \*\*peak per process\*\* \| the rows above \| \*\*([\d.]+)\*\* \|", line)
+            for line in lines]
+    assert [float(m[1]) for m in peak if m] == [30.8]  # <= 80
+    assert lines[-2:] == ["a GPU of 80 GB (--gpu-memory): 80.0 GB free",
+                          "path: no cache; cached decoding needs about 99.5 GB, its KV cache 68.72 GB"]
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpu-memory", "80", "--device", "cuda"],
+     "--gpu-memory plans a --dry-run; a run measures the GPU's free memory"),
+    (["--gpu-memory", "0", "--device", "cuda", "--dry-run"], "--gpu-memory must be > 0 GB, got 0"),
+    (["--gpu-memory", "80", "--device", "cpu", "--dry-run"], "--gpu-memory states a GPU's memory: plan for it with "
+                                                             "--device cuda")])
+def test_gpu_memory_states_a_gpu_for_a_dry_run(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        passkey.main(args)
+    assert e.value.code == 1 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_cuda_run_measures_the_free_memory_before_loading(tmp_path, monkeypatch, capsys):
+    """A CUDA run (faked here: the same code on the CPU) asks torch.cuda.mem_get_info, decodes without a cache where
+    the cache does not fit, and stops in one line before reading the tokenizer or the weights where nothing fits."""
+    from cli import UsageError
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_7B_128K))
+    free = {"bytes": 79e9}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80e9))
+    argv = ["--model", str(tmp_path), "--lengths", "131072", "--device", "cuda"]
+    assert passkey.plan_memory(passkey.parse_args(argv)) == "no cache"
+    assert capsys.readouterr().err == (f"warning: passkey on {tmp_path.name} with prompts up to 131072 tokens: cached "
+                                       "decoding needs about 99.5 GB, its KV cache 68.72 GB; cuda has 79.0 GB free: "
+                                       "no cache\n")
+    assert passkey.plan_memory(passkey.parse_args([*argv[:3], "4096", *argv[4:]])) == "cached decoding"
+    free["bytes"] = 20e9
+    with pytest.raises(UsageError, match=r"needs about 30.8 GB \(no cache; --dry-run shows the plan\) and cuda has "
+                                         r"20.0 GB free: give shorter --lengths$"):
+        passkey.main(argv)  # the directory holds no tokenizer: any later step would fail otherwise

@@ -163,3 +163,38 @@ def test_command_line_json_and_bad_input(tmp_path):
                          text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "--distances must be >" in bad.stderr
     assert not os.path.exists(tmp_path / "b.json")
+
+
+def test_dry_run_reads_config_json_alone(tmp_path, capsys):
+    """--dry-run on a directory holding only the bundled base's config.json: the plan of the longest sequence
+    (longest_forward), with its KV-cache and peak lines, and the path, on the CPU with no memory to check."""
+    import shutil
+
+    import hf
+    import memory
+    from model import ModelConfig
+    shutil.copy(os.path.join(cli.BUNDLED_MODEL, "config.json"), tmp_path)
+    recall.main(["--model", str(tmp_path), "--distances", "64", "128", "--tasks", "copy", "--device", "cpu",
+                 "--dry-run"])
+    out = capsys.readouterr().out
+    tokens, rows = recall.longest_forward([64, 128], 256, 32, ["copy"], 4)
+    assert (tokens, rows) == (256, 2 * 31 * 2)  # both distances in 256-token sequences, 2 x 31 rows per probe
+    plan = memory.eval_plan(ModelConfig(**hf.read_config(str(tmp_path))), tokens, torch.float32, logit_rows=rows,
+                            no_cache="each sequence scored in one forward pass")
+    lines = out.splitlines()
+    assert lines[0].startswith(f"dry run: recall of {tmp_path.name} in sequences up to 256 tokens; ")
+    assert plan.table() in out and "| KV cache: none (each sequence scored in one forward pass) | - | 0.00 |" in lines
+    assert any(line.startswith("| **peak per process** | the rows above | **") for line in lines)
+    assert lines[-2:] == ["cpu: the free memory is not checked", "path: one forward pass per sequence"]
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+@pytest.mark.parametrize("distance", [100, 192, 230, 700])
+def test_longest_forward_bounds_the_key_prompts(bundled, distance):
+    """The plan's length of a key prompt and its answer, from the distance alone, is at least the real one."""
+    _, tok, _ = bundled
+    labels = ("harbor", "river", "lantern", "apple")
+    for task, names in (("passkey", ()), ("multikey", labels)):
+        p = recall.key_prompt(tok, 256, distance, 99999, np.random.default_rng(distance), names)
+        tokens, rows = recall.longest_forward([distance], 256, 32, [task], len(labels))
+        assert len(p.ids) + len(p.answer) <= tokens and len(p.answer) + 1 <= rows
