@@ -211,21 +211,21 @@ def load_docs(path, tokenizer, n_docs, min_tokens, max_tokens, threads=None):
     return [corpus[i][:max_tokens or None] for i in range(min(n_docs, len(corpus)))]
 
 
-def plan_memory(path, args):
-    """The memory plan of a model's rows, from its config.json alone (memory.evaluation_path): one forward pass per
-    window of the largest ctx, no KV cache, the loss's logits a chunk of rows at a time."""
-    cfg = ModelConfig(**hf.read_config(path))
-    plan = memory.eval_plan(cfg, max(args.ctx), cli.torch_dtype(args.dtype, args.device), logit_rows=None,
-                            no_cache="each window scored in one forward pass")
-    what = f"perplexity of {os.path.basename(os.path.normpath(path))} at ctx {max(args.ctx)}"
-    return memory.evaluation_path(args, what, [("one forward pass per window", plan)], "give a smaller --ctx")
+def plan_memory(args):
+    """The memory plan of every model's rows, from its config.json alone (memory.evaluation_path): one forward pass
+    per window of the largest ctx, no KV cache, the loss's logits a chunk of rows at a time."""
+    for path in args.model:
+        plan = memory.eval_plan(ModelConfig(**hf.read_config(path)), max(args.ctx),
+                                cli.torch_dtype(args.dtype, args.device), logit_rows=None,
+                                no_cache="each window scored in one forward pass")
+        what = f"perplexity of {os.path.basename(os.path.normpath(path))} at ctx {max(args.ctx)}"
+        memory.evaluation_path(args, what, [("one forward pass per window", plan)], "give a smaller --ctx")
 
 
 def main(argv=None):
     args = parse_args(argv)
     cli.set_threads(args.threads)
-    for path in args.model:  # printed by --dry-run; checked on CUDA before any weight is loaded
-        plan_memory(path, args)
+    plan_memory(args)  # printed by --dry-run; checked on CUDA before any weight is loaded
     if args.dry_run:
         return
     # 1) everything that can fail on bad input, for every model, before any long computation

@@ -516,27 +516,27 @@ def longest_forward(distances, window, passage, tasks, keys):
     return max(lengths), max(2 * (passage - 1) * len(distances) * ("copy" in tasks), 7)
 
 
-def plan_memory(path, args):
-    """The memory plan of a model's rows, from its config.json alone (memory.evaluation_path): one teacher-forced
+def plan_memory(args):
+    """The memory plan of every model's rows, from its config.json alone (memory.evaluation_path): one teacher-forced
     forward pass per sequence, no KV cache, over the longest sequence of any --rope row."""
-    cfg = ModelConfig(**hf.read_config(path))
-    tokens, rows = 0, 0
-    for spec in args.rope:
-        _, original, supported = memory.rope_windows(cfg, spec, args.original_len)
-        distances = args.distances or default_distances(original, supported)
-        tokens, rows = map(max, zip((tokens, rows), longest_forward(distances, original, args.passage, args.tasks,
-                                                                     args.keys)))
-    plan = memory.eval_plan(cfg, tokens, cli.torch_dtype(args.dtype, args.device), logit_rows=rows,
-                            no_cache="each sequence scored in one forward pass")
-    what = f"recall of {os.path.basename(os.path.normpath(path))} in sequences up to {tokens} tokens"
-    return memory.evaluation_path(args, what, [("one forward pass per sequence", plan)], "give shorter --distances")
+    for path in args.model:
+        cfg = ModelConfig(**hf.read_config(path))
+        tokens, rows = 0, 0
+        for spec in args.rope:
+            _, original, supported = memory.rope_windows(cfg, spec, args.original_len)
+            distances = args.distances or default_distances(original, supported)
+            tokens, rows = map(max, zip((tokens, rows), longest_forward(distances, original, args.passage,
+                                                                         args.tasks, args.keys)))
+        plan = memory.eval_plan(cfg, tokens, cli.torch_dtype(args.dtype, args.device), logit_rows=rows,
+                                no_cache="each sequence scored in one forward pass")
+        what = f"recall of {os.path.basename(os.path.normpath(path))} in sequences up to {tokens} tokens"
+        memory.evaluation_path(args, what, [("one forward pass per sequence", plan)], "give shorter --distances")
 
 
 def main(argv=None):
     args = parse_args(argv)
     cli.set_threads(args.threads)
-    for path in args.model:  # printed by --dry-run; checked on CUDA before any weight is loaded
-        plan_memory(path, args)
+    plan_memory(args)  # printed by --dry-run; checked on CUDA before any weight is loaded
     if args.dry_run:
         return
     # 1) bad input first: every model directory, its tokenizer and the held-out text
