@@ -269,6 +269,9 @@ def resolve(args, world=None, device=None):
         raise UsageError(f"--target {v['target']} is not beyond the model's {window}-token window: nothing to extend "
                          "(--rope none fine-tunes without interpolation)")
     v["rope"] = v["rope"] or (rope_name(v["rope_scaling"]) if fields["rope_scaling"] else recipe["rope"])
+    if planned and not gpu_memory and not torch.cuda.is_available():  # a dry run for CUDA on a machine without one
+        planned = False
+        why.append("no GPU here: --gpu-memory GB lets the memory plan choose the micro-batch and checkpointing")
     if planned:
         capacity = gpu_memory * GB if gpu_memory else torch.cuda.get_device_properties(
             int(os.environ.get("LOCAL_RANK", 0))).total_memory

@@ -117,7 +117,7 @@ def test_a_run_that_does_not_fit_is_refused_in_one_line():
 def test_world_and_device_plan_a_dry_run_only():
     import settings
     from cli import UsageError
-    with pytest.raises(UsageError, match="--world and --device plan a --dry-run"):
+    with pytest.raises(UsageError, match="--world, --device and --gpu-memory plan a --dry-run"):
         settings.from_command_line(["--target", "2048", "--world", "8"])
 
 
