@@ -172,6 +172,33 @@ def progress(total, desc=None, unit="it", enabled=True, interval=30, initial=0):
                 maxinterval=interval, ascii=True, initial=initial)
 
 
+LONG_FORWARD = 4096  # tokens from which a forward pass reports its progress by layer
+
+
+def layer_progress(model, min_tokens=LONG_FORWARD):
+    """Make every forward pass of `model` over at least min_tokens tokens say its size before it starts and report
+    its progress by layer (a bar on a terminal, a line every 30 s in a log file): one pass over 100k tokens takes
+    minutes on a CPU. Hooks on the first and every block; nothing changes for shorter passes."""
+    state = {}
+
+    def start(block, args):
+        tokens = args[0].shape[0] * args[0].shape[1]
+        if tokens >= min_tokens:
+            state["bar"] = progress(len(model.layers), f"one forward pass over {tokens:,} tokens", "layer")
+
+    def step(block, args, output):
+        bar = state.get("bar")
+        if bar is not None:
+            bar.update(1)
+            if bar.n == bar.total:
+                bar.close()
+                state.pop("bar")
+
+    model.layers[0].register_forward_pre_hook(start)
+    for block in model.layers:
+        block.register_forward_hook(step)
+
+
 def plural(n, word):
     """'1 document', '2 documents', '1,000 documents'."""
     return f"{n:,} {word}" + ("" if n == 1 else "s")

@@ -68,10 +68,11 @@ import torch
 
 import cli
 import data
+from lib import evaluation
 import hf
 import memory
-from model import LLaMA, ModelConfig
-from rope import CHECKPOINT, describe_rope, original_window, scaling_from_spec, supported_window
+from model import ModelConfig
+from rope import CHECKPOINT, describe_rope, scaling_from_spec
 
 DEFAULT_DOCS = 50  # the paper's 50 documents of GovReport / Proof-pile (section 4.2)
 
@@ -240,25 +241,13 @@ def main(argv=None):
     dtype = cli.torch_dtype(args.dtype, args.device)
     # 2) one row per model and rope
     rows = []
-    for path in args.model:
-        name = os.path.basename(os.path.normpath(path))
-        model = LLaMA.from_pretrained(path, dtype=dtype, device=args.device)
-        own = model.cfg.rope_scaling
-        original = args.original_len or original_window(own, model.cfg.max_position_embeddings)
-        for spec in args.rope:  # the same weights under each rotary scaling
-            model.set_rope_scaling(scaling_from_spec(spec, original, checkpoint=own))
-            scaling = model.cfg.rope_scaling
-            supported, rope = supported_window(scaling, original), describe_rope(scaling)
-            over = [c for c in args.ctx if c > supported]
-            if over:
-                cli.warn(f"{name} with rope {rope} supports {supported} positions, fewer than "
-                         f"ctx {', '.join(map(str, over))}")
-            results = [perplexity(model, docs[path], ctx, args.stride, progress=f"{name} {rope} ctx={ctx}")
-                       for ctx in args.ctx]
-            rows.append(dict(model=path, rope=spec, rope_scaling=scaling, original_window=original,
-                             supported_window=supported, dtype=str(dtype).removeprefix("torch."), device=args.device,
-                             results=results))
-        del model
+    for m in evaluation.load(args.model, args.rope, dtype, args.device, args.original_len):
+        m.warn_beyond(args.ctx, "ctx")
+        results = [perplexity(m.model, docs[m.path], ctx, args.stride, progress=f"{m.name} {m.rope} ctx={ctx}")
+                   for ctx in args.ctx]
+        rows.append(dict(model=m.path, rope=m.spec, rope_scaling=m.rope_scaling, original_window=m.original,
+                         supported_window=m.supported, dtype=str(dtype).removeprefix("torch."), device=args.device,
+                         results=results))
     n_docs = cli.plural(len(docs[args.model[0]]), "document")
     print(f"perplexity, sliding window with stride {args.stride}, {n_docs} "
           f"of >= {args.min_tokens} tokens" + (f" truncated to {args.max_tokens}" if args.max_tokens else "")

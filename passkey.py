@@ -54,10 +54,11 @@ import torch
 import cli
 import hf
 import memory
+from lib import evaluation
 from data import Tokenizer
-from model import KVCache, LLaMA, ModelConfig
+from model import KVCache, ModelConfig
 from prompts import FILLER, KEY_LINE, QUESTION, TASK, prompt_text  # noqa: F401 (passkey.TASK etc.: scripts read them)
-from rope import CHECKPOINT, describe_rope, original_window, rope_type, scaling_from_spec, supported_window
+from rope import CHECKPOINT, rope_type, scaling_from_spec
 
 
 
@@ -354,18 +355,11 @@ def main(argv=None):
     tok = Tokenizer(args.model)
     for length in args.lengths or []:
         make_prompt(tok, length, 10000, 0.0)
-    model = LLaMA.from_pretrained(args.model, dtype=cli.torch_dtype(args.dtype, args.device), device=args.device)
-    own = model.cfg.rope_scaling
-    original = args.original_len or original_window(own, model.cfg.max_position_embeddings)
-    model.set_rope_scaling(scaling_from_spec(args.rope, original, checkpoint=own))
-    scaling = model.cfg.rope_scaling
-    supported = supported_window(scaling, original)
+    m = next(evaluation.load([args.model], [args.rope], cli.torch_dtype(args.dtype, args.device), args.device,
+                             args.original_len))
+    model, scaling, original, supported, name, rope = m.model, m.rope_scaling, m.original, m.supported, m.name, m.rope
     lengths = args.lengths or default_lengths(original, supported)
-    name, rope = os.path.basename(os.path.normpath(args.model)), describe_rope(scaling)
-    over = [n for n in lengths if n > supported]
-    if over:
-        cli.warn(f"{name} with rope {rope} supports {supported} positions, fewer than length "
-                 f"{', '.join(map(str, over))}")
+    m.warn_beyond(lengths, "length")
     # 2) the trials
     records = run_passkey(model, tok, lengths, args.trials, args.seed, args.max_new_tokens, progress=True,
                           use_cache=use_cache)

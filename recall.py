@@ -64,9 +64,10 @@ import cli
 import data
 import hf
 import memory
-from model import LLaMA, ModelConfig
+from lib import evaluation
+from model import ModelConfig
 from prompts import FILLER, KEY_LINE, QUESTION, TASK
-from rope import CHECKPOINT, describe_rope, original_window, scaling_from_spec, supported_window
+from rope import CHECKPOINT, scaling_from_spec
 
 TASKS = ("copy", "passkey", "multikey")
 LABELS = ("river", "apple", "castle", "violin", "garden", "rocket", "candle", "forest", "mirror", "tiger", "harbor",
@@ -548,36 +549,29 @@ def main(argv=None):
             streams[tok.path] = (tok, held_out_stream(data.load_corpus(args.data, tokenizer=tok)))
     dtype = cli.torch_dtype(args.dtype, args.device)
     rows = []
-    for path in args.model:
-        name = os.path.basename(os.path.normpath(path))
-        model = LLaMA.from_pretrained(path, dtype=dtype, device=args.device)
+    for m in evaluation.load(args.model, args.rope, dtype, args.device, args.original_len):
+        model, path, name, spec, original, supported, scaling, rope = (m.model, m.path, m.name, m.spec, m.original,
+                                                                      m.supported, m.rope_scaling, m.rope)
         tok, stream = streams[data.Tokenizer(path).path]
-        own = model.cfg.rope_scaling
-        original = args.original_len or original_window(own, model.cfg.max_position_embeddings)
-        for spec in args.rope:
-            model.set_rope_scaling(scaling_from_spec(spec, original, checkpoint=own))
-            scaling = model.cfg.rope_scaling
-            supported, rope = supported_window(scaling, original), describe_rope(scaling)
-            distances = args.distances or default_distances(original, supported)
-            lengths = [group_length(d + 2 * args.passage + 1, original) for d in distances]
-            if max(lengths) > supported:
-                cli.warn(f"{name} with rope {rope} supports {supported} positions; the longest recall sequence "
-                         f"has {max(lengths)}")
-            records = run_recall(model, tok, stream, distances, original, args.tasks, args.passage, args.sequences,
-                                 args.trials, args.keys, args.seed, progress=f"{name} {rope}")
-            summary = summarize(records, distances)
-            reach = effective_distance(summary)
-            rows.append(dict(model=path, name=name, rope=spec, rope_scaling=scaling, original_window=original,
-                             supported_window=supported, summary=summary, effective_distance=reach,
-                             lengths=lengths, records=records))
-            print(f"recall by distance, {name}, rope {rope} (window {original}, supported {supported}); copy: "
-                  f"{args.sequences} sequences per length, passage {args.passage}; passkey/multikey "
-                  f"({args.keys} keys): {args.trials} trials per distance; seed {args.seed}")
-            print(format_table(summary, lengths))
-            for task, d in reach.items():
-                print(f"effective distance, {task}: {d} (the largest d with {THRESHOLDS[task]} at every tested "
-                      f"distance up to d; 0: not even at the shortest)")
-        del model
+        distances = args.distances or default_distances(original, supported)
+        lengths = [group_length(d + 2 * args.passage + 1, original) for d in distances]
+        if max(lengths) > supported:
+            cli.warn(f"{name} with rope {rope} supports {supported} positions; the longest recall sequence "
+                     f"has {max(lengths)}")
+        records = run_recall(model, tok, stream, distances, original, args.tasks, args.passage, args.sequences,
+                             args.trials, args.keys, args.seed, progress=f"{name} {rope}")
+        summary = summarize(records, distances)
+        reach = effective_distance(summary)
+        rows.append(dict(model=path, name=name, rope=spec, rope_scaling=scaling, original_window=original,
+                         supported_window=supported, summary=summary, effective_distance=reach,
+                         lengths=lengths, records=records))
+        print(f"recall by distance, {name}, rope {rope} (window {original}, supported {supported}); copy: "
+              f"{args.sequences} sequences per length, passage {args.passage}; passkey/multikey "
+              f"({args.keys} keys): {args.trials} trials per distance; seed {args.seed}")
+        print(format_table(summary, lengths))
+        for task, d in reach.items():
+            print(f"effective distance, {task}: {d} (the largest d with {THRESHOLDS[task]} at every tested "
+                  f"distance up to d; 0: not even at the shortest)")
     if args.json:
         settings = {k: getattr(args, k) for k in ("data", "tasks", "passage", "sequences", "trials", "keys", "seed")}
         result = dict(settings=settings, rows=[{**{k: v for k, v in r.items() if k != "summary"}, **r["summary"]}

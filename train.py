@@ -51,7 +51,6 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from tqdm import tqdm
 
 import checkpoints
 import cli
@@ -231,7 +230,6 @@ class Interrupted(KeyboardInterrupt):
 
 
 def train(s, device, mesh):
-    rank = dist.get_rank()
     # 1) every check of --out before anything is written, and the run's lock on it (rank 0 holds it to the end)
     claimed = on_rank0(lambda: rundir.claim(s))
     start, lock = broadcast(claimed[0] if claimed else None), claimed[1] if claimed else None

@@ -51,3 +51,21 @@ def test_progress_without_a_terminal_writes_lines(monkeypatch):
 def test_plural():
     assert [cli.plural(n, "document") for n in (0, 1, 2, 1500)] == ["0 documents", "1 document", "2 documents",
                                                                       "1,500 documents"]
+
+
+def test_a_long_forward_pass_says_its_size_and_reports_by_layer(monkeypatch):
+    """One forward pass over many tokens names its size before it starts and counts its layers; a short one says
+    nothing."""
+    from model import LLaMA, ModelConfig
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    model = LLaMA(ModelConfig(vocab_size=32, dim=16, n_layers=3, n_heads=2, n_kv_heads=2, intermediate_size=32,
+                              max_position_embeddings=64))
+    cli.layer_progress(model, min_tokens=40)
+    with torch.no_grad():
+        model(torch.zeros(1, 39, dtype=torch.long))
+        assert err.getvalue() == ""
+        model(torch.zeros(2, 20, dtype=torch.long))
+    lines = err.getvalue().splitlines()
+    assert lines[0].startswith("one forward pass over 40 tokens:") and "0/3" in lines[0]
+    assert "3/3" in lines[-1] and "\r" not in err.getvalue()
