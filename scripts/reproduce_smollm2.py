@@ -48,8 +48,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import cli  # noqa: E402
-from reproduce import (git_state, log_ticks, mean_std, read_json, row_dir, write_atomically, write_json,  # noqa: E402
-                       write_text)
+from reproduce_common import (git_state, log_ticks, mean_std, read_json, row_dir, write_atomically,  # noqa: E402
+                              write_json, write_text)
 
 RESULTS = os.path.join(ROOT, "results", "smollm2")
 PUBLISHED = ("results.json", "results.md", "recall.png", "ppl.png")

@@ -21,6 +21,11 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import census  # noqa: E402
 import make_replay  # noqa: E402
 import reproduce  # noqa: E402
+import reproduce_common  # noqa: E402
+import toy_publish  # noqa: E402
+import toy_report  # noqa: E402
+import toy_rows  # noqa: E402
+import toy_run  # noqa: E402
 
 POOL = os.path.join(ROOT, "assets", "replay", "passkey-256.npz")
 
@@ -170,36 +175,36 @@ def test_rows_and_settings(capsys):
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--help"])
     shown = capsys.readouterr().out
-    assert all(row.slug in shown and row.label in shown for row in reproduce.ROWS)
-    design, quick = reproduce.design_settings(), reproduce.design_settings(quick=True)
+    assert all(row.slug in shown and row.label in shown for row in toy_rows.ROWS)
+    design, quick = toy_rows.design_settings(), toy_rows.design_settings(quick=True)
     assert (design["steps"], design["batch_size"], design["replay_batch"], design["seeds"]) == (100, 16, 4, [0, 1, 2])
     assert (quick["steps"], quick["batch_size"], quick["replay_batch"], quick["seeds"]) == (10, 8, 2, [0])
-    token = reproduce.row_train_args(reproduce.ROW["full-token"], design, 1)
+    token = toy_rows.row_train_args(toy_rows.ROW["full-token"], design, 1)
     assert token[-4:] == ["--batch-size", "2", "--micro-batch-size", "2"] and "--seed" in token
-    assert reproduce.row_train_args(reproduce.ROW["full-token"], quick, 0)[-1] == "1"
+    assert toy_rows.row_train_args(toy_rows.ROW["full-token"], quick, 0)[-1] == "1"
     args, _ = reproduce.parse_args(["--quick"])
-    assert args.rows == [r.slug for r in reproduce.ROWS] and args.out.endswith("reproduce-quick")
+    assert args.rows == [r.slug for r in toy_rows.ROWS] and args.out.endswith("reproduce-quick")
     args, _ = reproduce.parse_args([])
     assert "full-linear" not in args.rows and "direct" not in args.rows and "pose-linear-1k" in args.rows  # v2's rows
     assert args.out.endswith(os.path.join("out", "reproduce"))
-    assert reproduce.parse_args(["--rows", "all"])[0].rows == [r.slug for r in reproduce.ROWS]
+    assert reproduce.parse_args(["--rows", "all"])[0].rows == [r.slug for r in toy_rows.ROWS]
     # the train.py arguments of every row resolve, and every row trains with the designed replay weight (DESIGN.md
     # sections 5 and 14: 0.2, the token-matched Full-length row's batch of 2 included), as train.py resolves it
-    for row in reproduce.ROWS:
+    for row in toy_rows.ROWS:
         if row.train:
-            a = run_settings.from_command_line(reproduce.row_train_args(row, design, 0, ROOT), world=1, device="cpu")
+            a = run_settings.from_command_line(toy_rows.row_train_args(row, design, 0, ROOT), world=1, device="cpu")
             assert a.replay_batch == 4 and a.replay_weight == 0.2, row.slug
             # a long row (section 15): 1000 steps, a checkpoint at each step it is evaluated at, all of them kept
             assert (a.steps, a.save_every, a.keep) == ((1000, 50, 20) if row.long else (100, 25, 2)), row.slug
-            assert all(step % a.save_every == 0 for step in reproduce.step_evals(row, design)), row.slug
-    assert reproduce.step_evals(reproduce.ROW["pose-linear-1k"], design) == [100, 250, 500]
+            assert all(step % a.save_every == 0 for step in toy_rows.step_evals(row, design)), row.slug
+    assert toy_rows.step_evals(toy_rows.ROW["pose-linear-1k"], design) == [100, 250, 500]
     # DESIGN.md section 17: the long rows run seeds 0-2; the extreme rows train to their own target
-    assert reproduce.seeds_of(reproduce.ROW["pose-linear-1k"], design) == [0, 1, 2]
+    assert toy_rows.seeds_of(toy_rows.ROW["pose-linear-1k"], design) == [0, 1, 2]
     for slug, target in (("pose-16k", 16384), ("pose-32k", 32768)):
-        a = run_settings.from_command_line(reproduce.row_train_args(reproduce.ROW[slug], design, 0, ROOT), world=1,
+        a = run_settings.from_command_line(toy_rows.row_train_args(toy_rows.ROW[slug], design, 0, ROOT), world=1,
                                            device="cpu")
         assert (a.target, a.train_len, a.method, a.steps) == (target, 256, "pose", 100)
-        assert reproduce.seeds_of(reproduce.ROW[slug], design) == [0, 1, 2]
+        assert toy_rows.seeds_of(toy_rows.ROW[slug], design) == [0, 1, 2]
 
 
 def fake_eval(settings, slug, seed):
@@ -207,21 +212,21 @@ def fake_eval(settings, slug, seed):
     rng = np.random.default_rng([zlib.crc32(slug.encode()), seed or 0])
     records = [[n, t, float(rng.random()), 12345, n, "12345", bool(rng.random() < 0.5)]
                for n in settings["passkey_lengths"] for t in range(settings["passkey_trials"])]
-    result = {"row": slug, "label": reproduce.ROW[slug].label, "seed": seed, "settings": settings,
+    result = {"row": slug, "label": toy_rows.ROW[slug].label, "seed": seed, "settings": settings,
               "ppl": {str(c): {"ppl": 40 + rng.random(), "nll": 1.0, "tokens": 10} for c in settings["ctx"]},
               "passkey": {str(n): float(rng.random()) for n in settings["passkey_lengths"]},
-              "records": {"fields": list(reproduce.RECORD_FIELDS), "rows": records},
+              "records": {"fields": list(toy_run.RECORD_FIELDS), "rows": records},
               "recall": {m: [float(rng.random()) for _ in settings["recall"]["distances"]]
-                         for m in reproduce.RECALL_METRICS},
+                         for m in toy_report.RECALL_METRICS},
               "rope_scaling": None, "rope": "none", "git": {"commit": "0" * 40, "dirty": False},
               "cost": {"eval_wall_s": 1.0, "eval_loadavg_start": [1, 1, 1], "eval_loadavg_end": [1, 1, 1]}}
-    if reproduce.ROW[slug].long:
+    if toy_rows.ROW[slug].long:
         result["by_step"] = {str(step): {k: result[k] for k in ("ppl", "passkey", "recall")}
-                             for step in reproduce.step_evals(reproduce.ROW[slug], settings)}
-    if reproduce.ROW[slug].target:
-        distances = [d for d in reproduce.EXTENDED["distances"] if d <= 3 * reproduce.ROW[slug].target // 4]
-        ctxs = [256 * 2 ** k for k in range(8) if 256 * 2 ** k <= reproduce.ROW[slug].target]
-        result["extended"] = {"settings": reproduce.EXTENDED, "target": reproduce.ROW[slug].target,
+                             for step in toy_rows.step_evals(toy_rows.ROW[slug], settings)}
+    if toy_rows.ROW[slug].target:
+        distances = [d for d in toy_rows.EXTENDED["distances"] if d <= 3 * toy_rows.ROW[slug].target // 4]
+        ctxs = [256 * 2 ** k for k in range(8) if 256 * 2 ** k <= toy_rows.ROW[slug].target]
+        result["extended"] = {"settings": toy_rows.EXTENDED, "target": toy_rows.ROW[slug].target,
                               "ppl": {str(c): {"ppl": 40 + rng.random(), "nll": 1.0, "tokens": 10} for c in ctxs},
                               "distances": distances,
                               "recall": {"passkey_accuracy": [float(rng.random()) for _ in distances]}}
@@ -238,11 +243,11 @@ def fake_eval(settings, slug, seed):
 def fake_out(path, settings, done):
     """A --out holding settings.json and the eval.json of each (slug, seed) in `done`."""
     os.makedirs(path, exist_ok=True)
-    reproduce.write_json(os.path.join(path, "settings.json"), settings)
+    reproduce_common.write_json(os.path.join(path, "settings.json"), settings)
     for slug, seed in done:
-        folder = reproduce.row_dir(str(path), reproduce.ROW[slug], seed)
+        folder = reproduce_common.row_dir(str(path), toy_rows.ROW[slug], seed)
         os.makedirs(folder, exist_ok=True)
-        reproduce.write_json(os.path.join(folder, "eval.json"), fake_eval(settings, slug, seed))
+        reproduce_common.write_json(os.path.join(folder, "eval.json"), fake_eval(settings, slug, seed))
     return str(path)
 
 
@@ -260,7 +265,7 @@ def test_publish_refuses_quick_partial_and_other_settings(tmp_path):
     dest.mkdir()
     (dest / "results.md").write_text("the committed results\n")
     before = tree_digest(dest)
-    design, quick = reproduce.design_settings(), reproduce.design_settings(quick=True)
+    design, quick = toy_rows.design_settings(), toy_rows.design_settings(quick=True)
     rows = ["original", "pose-n2"]
     everything = [("original", None)] + [("pose-n2", s) for s in (0, 1, 2)]
     cases = {
@@ -270,11 +275,11 @@ def test_publish_refuses_quick_partial_and_other_settings(tmp_path):
         "empty": (str(tmp_path / "empty"), "no settings.json"),
     }
     for name, (out, message) in cases.items():
-        with pytest.raises(reproduce.PublishError, match=message):
-            reproduce.publish(out, rows, dest=str(dest))
+        with pytest.raises(toy_report.PublishError, match=message):
+            toy_publish.publish(out, rows, dest=str(dest))
         assert tree_digest(dest) == before, name
     # the command itself: an error, and results/ of the repository untouched
-    committed = tree_digest(reproduce.RESULTS)
+    committed = tree_digest(toy_publish.RESULTS)
     for argv in (["--publish", "--out", cases["quick"][0]], ["--publish", "--out", cases["partial"][0], "--rows",
                                                              ",".join(rows)]):
         with pytest.raises(SystemExit) as e:
@@ -282,13 +287,13 @@ def test_publish_refuses_quick_partial_and_other_settings(tmp_path):
         assert "error" in str(e.value)
     with pytest.raises(SystemExit):
         reproduce.main(["--publish", "--quick", "--out", cases["quick"][0]])
-    assert tree_digest(reproduce.RESULTS) == committed
+    assert tree_digest(toy_publish.RESULTS) == committed
 
     # finished rows of a design run: published, with every seed's numbers and their mean and deviation
     out = fake_out(tmp_path / "done", design, everything)
-    written = reproduce.publish(out, rows, dest=str(dest))
-    assert sorted(os.listdir(dest)) == sorted(reproduce.PUBLISHED)
-    assert len(written) == len(reproduce.PUBLISHED)
+    written = toy_publish.publish(out, rows, dest=str(dest))
+    assert sorted(os.listdir(dest)) == sorted(toy_publish.PUBLISHED)
+    assert len(written) == len(toy_publish.PUBLISHED)
     results = json.load(open(dest / "results.json"))
     pose = results["rows"]["pose-n2"]
     assert sorted(pose["per_seed"]) == ["0", "1", "2"] and set(results["rows"]) == set(rows)
@@ -296,26 +301,26 @@ def test_publish_refuses_quick_partial_and_other_settings(tmp_path):
     assert pose["summary"]["ppl"]["2048"]["mean"] == pytest.approx(np.mean(values))
     assert pose["summary"]["ppl"]["2048"]["std"] == pytest.approx(np.std(values, ddof=1))
     md = (dest / "results.md").read_text()
-    assert not md.startswith(reproduce.SMOKE) and "±" in md and "Pending" not in md
+    assert not md.startswith(toy_report.SMOKE) and "±" in md and "Pending" not in md
     assert pose["seeds_expected"] == [0, 1, 2, 3, 4] and "| 3 of 5 |" in md  # seeds 3-4 (section 15) not yet there
 
     # --partial: a row with some of its seeds is published, listed as pending; a row with none is still refused
-    reproduce.publish(cases["partial"][0], rows, dest=str(dest), partial=True)
+    toy_publish.publish(cases["partial"][0], rows, dest=str(dest), partial=True)
     md = (dest / "results.md").read_text()
     assert "Pending (not all seeds computed): PoSE N=2" in md and "| 2 of 5 |" in md
-    with pytest.raises(reproduce.PublishError, match="randpos"):
-        reproduce.publish(cases["partial"][0], rows + ["randpos"], dest=str(dest), partial=True)
+    with pytest.raises(toy_report.PublishError, match="randpos"):
+        toy_publish.publish(cases["partial"][0], rows + ["randpos"], dest=str(dest), partial=True)
 
     # seeds 3 and 4 join the row when computed
     out = fake_out(tmp_path / "five", design, everything + [("pose-n2", 3), ("pose-n2", 4)])
-    reproduce.publish(out, rows, dest=str(dest))
+    toy_publish.publish(out, rows, dest=str(dest))
     pose = json.load(open(dest / "results.json"))["rows"]["pose-n2"]
     assert sorted(pose["per_seed"]) == ["0", "1", "2", "3", "4"] and pose["summary"]["ppl"]["2048"]["n"] == 5
 
 
 def test_paired_rule_with_three_and_five_seeds():
     """Section 14's rule on seeds 0-2 (t > 4.30) and section 15's on seeds 0-4 (t > 2.78), both same-sign."""
-    settings = reproduce.design_settings()
+    settings = toy_rows.design_settings()
 
     def results(diffs):
         rows = {slug: {"seeds_expected": [0, 1, 2, 3, 4], "per_seed": {}} for slug in ("pose-n2", "pi-ft")}
@@ -325,33 +330,33 @@ def test_paired_rule_with_three_and_five_seeds():
         return {"settings": settings, "rows": rows}
 
     three = results([1.0, 1.1, 0.9])
-    assert reproduce.paired(three, "pose-n2", "pi-ft", "ppl", 3)["finding"]
-    assert reproduce.paired(three, "pose-n2", "pi-ft", "ppl", 5) is None  # seeds 3-4 missing
-    five = reproduce.paired(results([1.0, 0.2, 1.5, 0.4, 1.2]), "pose-n2", "pi-ft", "ppl", 5)
+    assert toy_report.paired(three, "pose-n2", "pi-ft", "ppl", 3)["finding"]
+    assert toy_report.paired(three, "pose-n2", "pi-ft", "ppl", 5) is None  # seeds 3-4 missing
+    five = toy_report.paired(results([1.0, 0.2, 1.5, 0.4, 1.2]), "pose-n2", "pi-ft", "ppl", 5)
     assert five["t"] == pytest.approx(np.mean([1.0, 0.2, 1.5, 0.4, 1.2]) / (np.std([1.0, 0.2, 1.5, 0.4, 1.2], ddof=1)
                                                                               / np.sqrt(5)))
     assert 2.78 < five["t"] < 4.30 and five["finding"]  # a finding with 5 seeds at a t that 3 seeds would not pass
-    assert not reproduce.paired(results([1.0, -0.2, 1.5, 0.4, 1.2]), "pose-n2", "pi-ft", "ppl", 5)["finding"]
+    assert not toy_report.paired(results([1.0, -0.2, 1.5, 0.4, 1.2]), "pose-n2", "pi-ft", "ppl", 5)["finding"]
 
 
 def test_quick_results_are_labelled(tmp_path):
-    quick = reproduce.design_settings(quick=True)
+    quick = toy_rows.design_settings(quick=True)
     out = fake_out(tmp_path / "quick", quick, [("original", None), ("pose-n2", 0)])
-    _, md = reproduce.write_results(out, quick, ["original", "pose-n2", "randpos"])
-    assert md.startswith(reproduce.SMOKE) and open(os.path.join(out, "results.md")).read() == md
+    _, md = toy_report.write_results(out, quick, ["original", "pose-n2", "randpos"])
+    assert md.startswith(toy_report.SMOKE) and open(os.path.join(out, "results.md")).read() == md
     assert "Pending (not all seeds computed): RandPos" in md
     # PoSE N=2 heads the methods table; the chunk-content table, which would hold it alone, is left out
     assert "## Methods" in md and "## Chunk content" not in md
     with pytest.raises(SystemExit):  # a --out keeps its settings
-        reproduce.check_out(out, reproduce.design_settings())
+        toy_rows.check_out(out, toy_rows.design_settings())
 
 
 
 def test_long_rows_are_reported_by_step(tmp_path):
-    design = reproduce.design_settings()
+    design = toy_rows.design_settings()
     slugs = ["pose-linear-1k", "full-token-linear-1k"]
     out = fake_out(tmp_path / "long", design, [(slug, seed) for slug in slugs for seed in (0, 1, 2)])
-    results, md = reproduce.write_results(out, design, slugs)
+    results, md = toy_report.write_results(out, design, slugs)
     section = md.split("## Linear at the paper's budget, by step")[1].split("\n\n", 2)[2].split("\n\n")[0]
     lines = section.splitlines()[2:]
     assert [line.split(" | ")[2] for line in lines] == ["100", "250", "500", "1000"] * 2
@@ -359,29 +364,29 @@ def test_long_rows_are_reported_by_step(tmp_path):
     assert sorted(per_seed) == ["0", "1", "2"]  # seeds 0-2 (DESIGN.md section 17)
     mean = statistics.fmean(r["by_step"]["250"]["ppl"]["2048"]["ppl"] for r in per_seed.values())
     assert f"| 3 | 250 | {mean:.2f} ± " in lines[1]
-    reproduce.publish(out, slugs, dest=str(tmp_path / "published"))
+    toy_publish.publish(out, slugs, dest=str(tmp_path / "published"))
 
 
 def test_restore_then_publish_gives_the_published_rows(tmp_path):
     """--restore on a fresh --out, then --publish: the same rows, numbers and tables as published before."""
-    design = reproduce.design_settings()
+    design = toy_rows.design_settings()
     rows = ["original", "pose-n2", "pi-ft"]
     out = fake_out(tmp_path / "before", design, [("original", None)] + [(r, s) for r in rows[1:] for s in range(5)])
-    reproduce.publish(out, rows, dest=str(tmp_path / "v1"))
+    toy_publish.publish(out, rows, dest=str(tmp_path / "v1"))
     published = str(tmp_path / "v1" / "results.json")
-    assert reproduce.restore(str(tmp_path / "fresh"), published) == 11
-    assert reproduce.restore(str(tmp_path / "fresh"), published) == 0  # nothing overwritten
-    reproduce.publish(str(tmp_path / "fresh"), rows, dest=str(tmp_path / "v2"))
+    assert toy_publish.restore(str(tmp_path / "fresh"), published) == 11
+    assert toy_publish.restore(str(tmp_path / "fresh"), published) == 0  # nothing overwritten
+    toy_publish.publish(str(tmp_path / "fresh"), rows, dest=str(tmp_path / "v2"))
     a, b = (json.load(open(tmp_path / v / "results.json")) for v in ("v1", "v2"))
     assert a["rows"] == b["rows"] and a["settings"] == b["settings"]
     assert (tmp_path / "v1" / "results.md").read_text() == (tmp_path / "v2" / "results.md").read_text()
     # a quick run's file, or an unreadable one, restores nothing
-    quick = fake_out(tmp_path / "quick", reproduce.design_settings(quick=True), [("original", None)])
-    reproduce.write_results(quick, reproduce.design_settings(quick=True), ["original"])
+    quick = fake_out(tmp_path / "quick", toy_rows.design_settings(quick=True), [("original", None)])
+    toy_report.write_results(quick, toy_rows.design_settings(quick=True), ["original"])
     for path, message in ((os.path.join(quick, "results.json"), "design's settings"),
                           (str(tmp_path / "missing.json"), "cannot read")):
-        with pytest.raises(reproduce.PublishError, match=message):
-            reproduce.restore(str(tmp_path / "other"), path)
+        with pytest.raises(toy_report.PublishError, match=message):
+            toy_publish.restore(str(tmp_path / "other"), path)
         assert not os.path.exists(tmp_path / "other")
     with pytest.raises(SystemExit) as e:
         reproduce.main(["--restore", str(tmp_path / "missing.json"), "--out", str(tmp_path / "other")])
@@ -391,19 +396,19 @@ def test_restore_then_publish_gives_the_published_rows(tmp_path):
 def test_extreme_rows_rule(tmp_path):
     """DESIGN.md section 16: PoSE to 16k minus its YaRN-only row (one model) per seed, and minus PoSE N=2 at the
     recipe's lengths, seeds paired; the extended table up to the target."""
-    design = reproduce.design_settings()
+    design = toy_rows.design_settings()
     slugs = ["pose-n2", "pose-16k", "yarn-only-16k"]
     out = fake_out(tmp_path / "x", design, [("yarn-only-16k", None)] + [(r, s) for r in slugs[:2] for s in range(3)])
     for seed, gain in enumerate([0.5, 0.6, 0.4]):  # PoSE-16k passes the far passkey `gain` more often
-        path = os.path.join(reproduce.row_dir(out, reproduce.ROW["pose-16k"], seed), "eval.json")
-        r = reproduce.read_json(path)
+        path = os.path.join(reproduce_common.row_dir(out, toy_rows.ROW["pose-16k"], seed), "eval.json")
+        r = reproduce_common.read_json(path)
         r["extended"]["recall"]["passkey_accuracy"] = [0.1 + gain] * 3
-        reproduce.write_json(path, r)
-    path = os.path.join(reproduce.row_dir(out, reproduce.ROW["yarn-only-16k"], None), "eval.json")
-    r = reproduce.read_json(path)
+        reproduce_common.write_json(path, r)
+    path = os.path.join(reproduce_common.row_dir(out, toy_rows.ROW["yarn-only-16k"], None), "eval.json")
+    r = reproduce_common.read_json(path)
     r["extended"]["recall"]["passkey_accuracy"] = [0.1] * 3
-    reproduce.write_json(path, r)
-    results, md = reproduce.write_results(out, design, slugs)
+    reproduce_common.write_json(path, r)
+    results, md = toy_report.write_results(out, design, slugs)
     section = md.split("## Extreme extension, up to the target")[1]
     assert "| ppl 16384 |" in section and "| passkey d=12288 |" in section and "d=24576" not in section
     line = next(x for x in section.splitlines() if "yarn-only-16k | passkey" in x)
@@ -418,7 +423,7 @@ def test_extreme_rows_rule(tmp_path):
     # with the 32k rows too: each comparison at its own target, the longer columns empty for the 16k rows
     more = [("yarn-only-32k", None)] + [("pose-32k", s) for s in range(3)]
     fake_out(out, design, more)
-    _, md = reproduce.write_results(out, design, slugs + ["pose-32k", "yarn-only-32k"])
+    _, md = toy_report.write_results(out, design, slugs + ["pose-32k", "yarn-only-32k"])
     section = md.split("## Extreme extension, up to the target")[1]
     assert "| ppl 32768 |" in section and "| passkey d=24576 |" in section
     assert "yarn-only-16k | ppl at 16384 |" in section and "yarn-only-32k | ppl at 32768 |" in section
@@ -433,15 +438,15 @@ def test_extended_evaluation_on_the_bundled_base(tmp_path):
     import rope
     from model import LLaMA
 
-    quick = reproduce.design_settings(quick=True)
+    quick = toy_rows.design_settings(quick=True)
     tokenizer = data.Tokenizer(os.path.join(ROOT, "assets", "tiny"))
     model = LLaMA.from_pretrained(os.path.join(ROOT, "assets", "tiny"))
     model.set_rope_scaling(rope.scaling_from_spec("yarn:64,beta_fast=4,beta_slow=1", 256))
-    r = reproduce.evaluate_extended(model, tokenizer, quick, 16384, str(tmp_path))
+    r = toy_run.evaluate_extended(model, tokenizer, quick, 16384, str(tmp_path))
     assert list(r["ppl"]) == ["256", "512", "1024", "2048", "4096"] and r["distances"] == [3072]
     assert {v["tokens"] for v in r["ppl"].values()} == {4095}  # the first 4096 tokens, BOS not scored
     assert all(np.isfinite(v["ppl"]) for v in r["ppl"].values())
     trials = r["recall_records"]["passkey"]
     assert len(trials) == 2 and all(t["distance"] == 3072 and t["prompt_tokens"] <= t["length"] == 4096
                                     for t in trials)
-    assert reproduce.evaluate_extended(None, tokenizer, quick, 16384, str(tmp_path)) == r  # kept: not recomputed
+    assert toy_run.evaluate_extended(None, tokenizer, quick, 16384, str(tmp_path)) == r  # kept: not recomputed
