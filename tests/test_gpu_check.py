@@ -4,7 +4,9 @@ Each test asserts what the check decides (pass on a correct path, fail on a brok
 import dataclasses
 import importlib.util
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -137,6 +139,113 @@ def test_compare_weights(tmp_path):
     assert not check.compare_weights(tmp_path / "a", tmp_path / "other", 1.0)["ok"]
 
 
+def test_noise_tolerance():
+    """NOISE_MULTIPLE x the measured floor, never below the minimum; a floor of 0 (the CPU's) leaves the minimum; a
+    floor that could not be measured (inf) is a tolerance no check passes."""
+    assert check.NOISE_MULTIPLE == 10
+    assert check.noise_tolerance(0.0) == check.LOG_RTOL == 1e-6
+    assert check.noise_tolerance(1e-8) == 1e-6
+    assert check.noise_tolerance(2e-5) == pytest.approx(2e-4)
+    assert check.noise_tolerance(2e-5, minimum=check.REORDER_LOSS_RTOL) == check.REORDER_LOSS_RTOL
+    assert check.noise_tolerance(3e-4, minimum=check.REORDER_LOSS_RTOL) == pytest.approx(3e-3)
+    assert check.noise_tolerance(math.inf) == math.inf
+
+
+def test_process_count(monkeypatch):
+    """2 gloo processes on the CPU; on CUDA the visible GPUs rounded down to a power of two dividing the batch."""
+    assert check.process_count("cpu", 16) == 2
+    for gpus, n in ((1, 1), (2, 2), (3, 2), (6, 4), (8, 8)):
+        monkeypatch.setattr(check.torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        assert check.process_count("cuda", 16) == n
+    assert check.process_count("cuda", 4) == 4  # 8 GPUs, 4 examples per step
+
+
+def test_logged_backend_reads_model_py_lines(capsys, monkeypatch):
+    """The line model.py prints once per process (here as two CUDA processes would), read back per backend."""
+    import model
+    monkeypatch.setattr(model, "backends_used", set())
+    model.note_backend(*model.attention_backend("sdpa", torch.bfloat16, torch.device("cuda")), torch.device("cuda"))
+    line = capsys.readouterr().err
+    assert check.logged_backend("[rank0]:" + line + "noise\n[rank1]:" + line, "cuda") == \
+        "SDPA (attn_impl='sdpa'), 2 processes"
+    assert check.logged_backend(line, "cuda") == "SDPA (attn_impl='sdpa'), 1 process"
+    assert check.logged_backend("", "cpu") == "SDPA (the CPU's only backend)"  # the CPU names none
+    assert check.logged_backend("", "cuda") == "not named in the log"
+
+
+def fake_run(folder, losses, weights):
+    """A train.py --out: log.jsonl with these losses, model.safetensors with these tensors."""
+    os.makedirs(folder)
+    with open(os.path.join(folder, "log.jsonl"), "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in entries(losses))
+    save_file(weights, os.path.join(folder, "model.safetensors"))
+    return str(folder)
+
+
+def test_agreement_rows(tmp_path):
+    """Runs that sum in another order: step 1 to the log's resolution, later steps and weights to the reorder
+    tolerance or NOISE_MULTIPLE x the floor, whichever is larger."""
+    losses, w = [3.0, 2.9, 2.8, 2.7], {"w": torch.randn(64, 64)}
+    ref = fake_run(tmp_path / "ref", losses, w)
+
+    def rows(name, other_losses, scale=0.0, floors=(0.0, 0.0)):
+        noise = scale * w["w"].norm() / 64 * torch.randn(64, 64)  # relative norm about `scale`
+        other = fake_run(tmp_path / name, other_losses, {"w": w["w"] + noise})
+        return [r["status"] for r in check.agreement_rows("x", ref, other, floors)]
+
+    assert rows("same", losses) == ["pass", "pass"]
+    assert rows("reordered", [3.0, 2.9 * (1 + 5e-4), 2.8, 2.7 * (1 - 8e-4)], 1e-3) == ["pass", "pass"]
+    assert rows("first", [3.0 * (1 + 1e-5)] + losses[1:]) == ["FAIL", "pass"]  # step 1 reads the same examples
+    assert rows("later", [3.0, 2.9 * (1 + 2e-3), 2.8, 2.7], 5e-3) == ["FAIL", "FAIL"]
+    assert rows("noisy", [3.0, 2.9 * (1 + 2e-3), 2.8, 2.7], 5e-3, floors=(3e-4, 6e-4)) == ["pass", "pass"]
+    assert rows("no floor", losses, floors=(math.inf, math.inf)) == ["FAIL", "FAIL"]
+
+
+def test_parallel_rows_skipped_with_a_reason_and_offload_still_run(tmp_path, monkeypatch):
+    """With one GPU the N-process rows say skipped and why, and --cpu-offload runs in one process against the plain
+    run; an N-process run that fails is a failed row, and offload then runs in one process too."""
+    straight = fake_run(tmp_path / "straight", [3.0, 2.9], {"w": torch.ones(4)})
+    commands = []
+
+    def run_command(cmd, env, what, timeout=600):
+        commands.append(cmd)
+        nproc = int(cmd[cmd.index("--nproc_per_node") + 1])
+        if nproc > 1 and "--cpu-offload" not in cmd and fail:
+            raise RuntimeError("train.py, 2 processes failed (exit 1): NCCL error")
+        shutil.copytree(straight, cmd[cmd.index("--out") + 1])
+        return subprocess.CompletedProcess(cmd, 0, "", "attention: SDPA (x)\n" * nproc)
+
+    monkeypatch.setattr(check, "run_command", run_command)
+    monkeypatch.setattr(check.torch.cuda, "device_count", lambda: 1)
+    for n, fail in ((1, False), (2, True)):
+        commands.clear()
+        runs = {"straight": straight, **{k: str(tmp_path / f"{k}{n}") for k in ("processes", "offload")}}
+        rows = check.parallel_rows(torch.device("cuda"), n, runs, {}, {}, (0.0, 0.0))
+        offload = commands[-1]
+        assert "--cpu-offload" in offload and offload[offload.index("--nproc_per_node") + 1] == "1"
+        assert [r["status"] for r in rows[1:]] == ["pass", "pass"]
+        assert rows[1]["check"] == "--cpu-offload vs without, 1 process: losses"
+        if n == 1:
+            assert (rows[0]["status"], rows[0]["value"]) == ("skip", "skipped")
+            assert rows[0]["reference"] == "needs 2 or more GPUs; 1 visible" and len(commands) == 1
+        else:
+            assert rows[0]["status"] == "FAIL" and "NCCL error" in rows[0]["value"]
+
+
+def test_two_processes_against_one_on_the_cpu(tmp_path, tiny_model_dir, text_corpus):
+    """train.py in 2 gloo processes against 1, bf16 with checkpointing, as section 2 runs them: the same micro-batches
+    in both, step 1's loss to the log's resolution, later losses and the final weights within the reorder
+    tolerances."""
+    kw = dict(model=tiny_model_dir, data=text_corpus, steps=3, save_every=0, train_len=32, target=128, batch=4,
+              micro_batch=2, threads=1)
+    env = check.train_env("cpu", str(tmp_path / "cache"))
+    for name, nproc in (("one", 1), ("two", 2)):
+        check.run_command(check.train_command(str(tmp_path / name), nproc=nproc, **kw), env, name)
+    rows = check.agreement_rows("2 processes vs 1", str(tmp_path / "one"), str(tmp_path / "two"), (0.0, 0.0))
+    assert [r["status"] for r in rows] == ["pass", "pass"], rows
+    assert rows[0]["data"]["first_step"] <= check.LOG_RTOL and rows[0]["data"]["steps"] == 3
+
+
 def test_kill_tree_reaches_workers_in_their_own_session():
     """torchrun starts its workers with start_new_session: killing the launcher alone would leave them training."""
     code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
@@ -198,22 +307,31 @@ def test_train_commands_parse_in_train_py(tiny_model_dir, text_corpus):
     assert (args.precision, args.grad_checkpointing, args.resume, args.steps, args.save_every) == (
         "fp32", False, True, 24, 4)
     assert (args.batch_size, args.micro_batch_size, args.lr, args.rope, args.method) == (16, 8, 2e-4, "yarn", "pose")
+    assert (args.replay, args.export_dtype, args.cpu_offload, args.compile) == ("none", "fp32", False, False)
     default = check.train_command("o")
     assert settings.parser().parse_args(default[default.index(check.TRAIN) + 1:]).grad_checkpointing is True
+    more = check.train_command("o", nproc=4, extra=["--cpu-offload", "--compile"], threads=1, micro_batch=4)
+    assert more[more.index("--nproc_per_node") + 1] == "4"
+    args = settings.parser().parse_args(more[more.index(check.TRAIN) + 1:])
+    assert (args.cpu_offload, args.compile, args.threads, args.micro_batch_size) == (True, True, 1, 4)
 
 
-@pytest.mark.skipif(not os.environ.get("POSE_SLOW_TESTS"), reason="about a minute on 2 cores (4 train.py runs); "
+@pytest.mark.skipif(not os.environ.get("POSE_SLOW_TESTS"), reason="about 2 minutes on 2 cores (8 train.py runs); "
                     "set POSE_SLOW_TESTS=1")
 def test_train_check_end_to_end_on_cpu(tmp_path, tiny_model_dir, text_corpus):
-    """The whole section 2 on the CPU: torchrun train.py in bf16 with checkpointing vs fp32, kill -9 after a
-    checkpoint, --resume; every row passes, and the resumed run is the uninterrupted one exactly (CPU kernels are
-    deterministic)."""
+    """The whole section 2 on the CPU: torchrun train.py in bf16 with checkpointing vs fp32, a second straight run,
+    kill -9 after a checkpoint, --resume, 2 gloo processes vs 1, --cpu-offload in 2 processes; every row passes, and
+    the resumed run is the uninterrupted one exactly (CPU kernels are deterministic: the noise floor is 0)."""
     rows = check.train_check("cpu", str(tmp_path / "train"), model=tiny_model_dir, data=text_corpus, steps=12,
-                          save_every=3, train_len=32, target=128, batch=4, micro_batch=2, lr=3e-3)
-    assert [r["status"] for r in rows] == ["pass"] * 4, rows
-    killed = rows[2]["data"]
-    assert 3 < killed["killed_at"] < 12 and killed["identical"] and rows[3]["data"]["identical"]
-    assert 0 < rows[1]["data"]["max_rel"] < check.TRAIN_LOSS_RTOL  # bf16 vs fp32: different, close
+                             save_every=3, train_len=32, target=128, batch=4, micro_batch=2, lr=3e-3, threads=1)
+    status = {r["check"]: r["status"] for r in rows}
+    assert set(status.values()) == {"pass", "info"}, rows
+    floor = next(r for r in rows if r["check"].startswith("noise floor"))["data"]
+    assert floor["losses"] == floor["weights"] == 0
+    killed = next(r for r in rows if r["check"].startswith("kill -9 after"))["data"]
+    assert 3 < killed["killed_at"] < 12 and killed["identical"]
+    assert "2 processes vs 1: losses" in status and "--cpu-offload vs without, 2 processes: losses" in status
+    assert 0 < rows[2]["data"]["max_rel"] < check.TRAIN_LOSS_RTOL  # bf16 vs fp32: different, close
 
 
 # 3./4. memory and speed: bench.py's sections, their JSON turned into rows
@@ -234,6 +352,8 @@ def test_memory_section_runs_bench_py(tmp_path):
     """The section as the GPU run calls it, on the CPU at tiny sizes: bench.py in a subprocess, its JSON kept in
     OUT/bench_memory.json, rows from it. The CPU has no allocator counters: the rows are the counted ones."""
     rows, result = check.section_memory(str(tmp_path), [1, 2], device="cpu", flags=TINY_BENCH)
+    attention, rows = rows[0], rows[1:]
+    assert attention["data"]["attention"].startswith("SDPA (")  # the CPU's only backend, with the rule's reason
     assert [r["check"] for r in rows] == [f"{name}, counted tensor by tensor" for name in check.STATE.values()]
     assert [r["status"] for r in rows] == ["pass"] * 3 and (tmp_path / "bench_memory.json").exists()
     assert [r["layers"] for r in result["runs"]] == [1, 2]
@@ -241,8 +361,9 @@ def test_memory_section_runs_bench_py(tmp_path):
 
 def test_speed_section_runs_bench_py(tmp_path):
     rows, result = check.section_speed(str(tmp_path), 2, peak_tflops=1.0, device="cpu", flags=TINY_BENCH)
-    assert [r["status"] for r in rows] == ["info", "info", "info", "pass"], rows  # the same loss as transformers
-    assert result["peak_tflops"] == 1.0 and 0 < rows[0]["data"]["mfu"] < 1
+    assert [r["status"] for r in rows] == ["info", "info", "info", "info", "pass"], rows  # transformers' loss
+    assert result["peak_tflops"] == 1.0 and 0 < rows[1]["data"]["mfu"] < 1
+    assert rows[0]["value"] == "SDPA" and rows[4]["check"].startswith("ours (SDPA) / transformers sdpa")
 
 
 def bench_memory_run(layers, gradient_bytes=4, working_per_layer=2048 * 4096 * 2):
@@ -299,12 +420,46 @@ def test_speed_rows_flag_impossible_mfu():
     run = dict(layers=8, target=16384, precision="bf16", grad_checkpointing=True,
                steps=dict(pose=step, full=dict(step, seq_len=16384, seconds=9.0, mfu=2e15 / 9.0 / 989e12)),
                versus=dict(seq_len=2048, dtype="bfloat16", ours_s=1.0, transformers_s=1.1, ratio=1 / 1.1,
-                           loss_ours=10.0, loss_transformers=10.01))
+                           loss_ours=10.0, loss_transformers=10.01, attention="flash-attn"))
     rows = check.speed_rows(dict(peak_tflops=989.0, runs=[run]))
     assert rows[0]["status"] == "FAIL"  # 2 PFLOP in one second is more than the GPU can do: wrong accounting
     assert rows[1]["status"] == "info" and rows[2]["value"] == "9.0x" and rows[3]["status"] == "pass"
+    assert rows[3]["check"].startswith("ours (flash-attn) / transformers sdpa")  # the backend bench.py measured
     run["versus"]["loss_transformers"] = 11.0  # the two models did not compute the same thing
     assert check.speed_rows(dict(peak_tflops=989.0, runs=[run]))[3]["status"] == "FAIL"
+
+
+# 6. compile: train.py --compile against eager, from the two runs' logs and stderr
+
+RECOMPILE_LOG = """\
+[rank0]:V1206 05:56:49.511000 4492 torch/_dynamo/guards.py:5396] [0/1] [__recompiles] Recompiling function forward in \
+/work/main/model.py:197
+[rank0]:V1206 05:56:49.511000 4492 torch/_dynamo/guards.py:5396] [0/1] [__recompiles]     triggered by the \
+following guard failure(s):
+[rank0]:V1206 05:56:49.511000 4492 torch/_dynamo/guards.py:5396] [0/1] [__recompiles]     - 0/0: not \
+___dict_contains(device(type='cpu'), self._modules['self_attn'].rope._cache)  # if positions.device not in self._cache:
+[rank0]:V1206 05:56:49.511000 4492 torch/_dynamo/guards.py:5396] [0/1] [__recompiles]     - User stack trace:
+"""
+
+
+def test_compile_rows():
+    """tokens/s after compilation (the median of the second half of the steps), the first step's seconds, the losses
+    of the first steps within TRAIN_LOSS_RTOL, and the recompilations with their guard failures."""
+    def run(losses, tokens_per_s, first):
+        return [dict(e, tokens_per_s=tokens_per_s * (0.1 if i == 0 else 1), seconds=first if i == 0 else 0.1)
+                for i, e in enumerate(entries(losses))]
+
+    losses = [3.3, 3.2, 3.1, 3.0, 2.9, 2.8]
+    eager = (run(losses, 100.0, 1.0), "attention: SDPA (installed, CUDA)\n")
+    compiled = (run([x * (1 + 1e-4) for x in losses], 150.0, 30.0), RECOMPILE_LOG)
+    rows = check.compile_rows("tiny", dict(eager=eager, compiled=compiled), torch.device("cuda"))
+    assert [r["status"] for r in rows] == ["info", "pass", "info"], rows
+    assert rows[0]["data"]["ratio"] == pytest.approx(1.5) and rows[0]["data"]["first_step"] == [30.0, 1.0]
+    assert rows[0]["data"]["attention_eager"] == "SDPA (installed, CUDA), 1 process"
+    assert rows[2]["data"]["count"] == 1 and "rope._cache" in rows[2]["data"]["reasons"][0]
+    assert check.guard_failures(RECOMPILE_LOG) == [rows[2]["data"]["reasons"][0]]
+    compiled = (run([x * 1.05 for x in losses], 150.0, 30.0), "")  # another computation, not another rounding
+    assert check.compile_rows("tiny", dict(eager=eager, compiled=compiled), torch.device("cpu"))[1]["status"] == "FAIL"
 
 
 # 5. passkey: KV cache vs re-reading
@@ -340,6 +495,7 @@ def test_passkey_check_fails_on_a_broken_cache(passkey_setup, one_thread, monkey
 def test_section_passkey_bf16_rows(one_thread):
     """The section as the GPU runs it (bf16, the bundled tokenizer, the random GQA model), at short lengths."""
     rows = check.section_passkey("cpu", lengths=(160, 320), trials=1)
+    assert rows.pop(0)["data"]["attention"].startswith("SDPA (")
     assert [r["status"] for r in rows] == ["pass", "pass"], rows
     assert all(r["data"]["cache_used"] and 0 < r["data"]["max_rel_err"] < check.LOGITS_TOL for r in rows)
 
@@ -395,10 +551,40 @@ def test_main_runs_every_section_and_fails_on_a_failed_row(tmp_path, monkeypatch
     monkeypatch.setattr(check, "section_memory", lambda *a, **k: (section("memory")(), {"raw": 1}))
     monkeypatch.setattr(check, "section_speed", broken)
     monkeypatch.setattr(check, "section_passkey", section("passkey", "info"))
+    monkeypatch.setattr(check, "section_compile", section("compile", "skip"))
     assert check.main(["--out", str(tmp_path)]) == 1
-    assert ran == ["logits", "train", "memory", "speed", "passkey"]
+    assert ran == ["logits", "train", "memory", "speed", "passkey", "compile"]
     rows = json.load(open(tmp_path / "results.json"))["rows"]
-    assert [r["status"] for r in rows] == ["pass", "pass", "pass", "FAIL", "info"]
+    assert [r["status"] for r in rows] == ["pass", "pass", "pass", "FAIL", "info", "skip"]
     assert rows[3]["section"] == "4 speed" and "worker failed" in rows[3]["value"]
     monkeypatch.setattr(check, "section_speed", lambda *a, **k: ([], {}))
     assert check.main(["--out", str(tmp_path), "--only", "logits", "speed"]) == 0
+
+
+def test_rehearse_runs_every_section_on_the_cpu(tmp_path, monkeypatch):
+    """--rehearse without CUDA: every section runs, on the CPU, with the rehearsal's tiny sizes; the sections' own
+    attention rows are gathered into the JSON's meta and the markdown's header."""
+    monkeypatch.setattr(check.torch.cuda, "is_available", lambda: False)
+    calls = {}
+
+    def section(name):
+        def run(*args, **kw):
+            calls[name] = (args, kw)
+            rows = [check.row(check.SECTIONS[name], "c", "v", "pass", attention="SDPA")]
+            return (rows, {}) if name in ("memory", "speed") else rows
+        return run
+
+    for name, function in (("logits", "section_logits"), ("train", "train_check"), ("memory", "section_memory"),
+                           ("speed", "section_speed"), ("passkey", "section_passkey"),
+                           ("compile", "section_compile")):
+        monkeypatch.setattr(check, function, section(name))
+    assert check.main(["--rehearse", "--out", str(tmp_path)]) == 0
+    assert list(calls) == list(check.SECTIONS)
+    for name in ("logits", "train", "passkey", "compile"):
+        assert calls[name][0][0] == torch.device("cpu")
+    assert calls["train"][1] == check.REHEARSAL["train"] and calls["passkey"][1] == check.REHEARSAL["passkey"]
+    assert calls["memory"][0][1] == [1, 2] and calls["speed"][0][1] == 2
+    assert calls["memory"][1] == dict(device="cpu", flags=check.REHEARSAL["bench"])
+    results = json.load(open(tmp_path / "results.json"))
+    assert results["meta"]["device"] == "cpu (--rehearse)" and results["meta"]["attention"]["2 train"] == ["SDPA"]
+    assert "Attention backend by section: 1 logits: SDPA; 2 train: SDPA;" in open(tmp_path / "results.md").read()
