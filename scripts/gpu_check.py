@@ -7,8 +7,9 @@
 Needs one CUDA GPU (H100 / H200 class: the memory section wants about 45 GB at --layers 4 8), PyTorch with CUDA,
 transformers, sentencepiece, safetensors and tqdm; no network. flash-attn is used when it is installed. Without CUDA
 it prints one line and exits 0; --rehearse runs every section on the CPU at tiny sizes instead (the GPU hidden), the
-same functions and train.py / bench.py commands as the GPU run. It exits 1 when a check fails. Every section is a
-function that takes a device, so tests/test_gpu_check.py runs the same code on the CPU.
+same functions and train.py / bench.py commands as the GPU run (about 3 minutes on a busy 2-core CPU). It exits 1
+when a check fails. Every section is a function that takes a device, so tests/test_gpu_check.py runs the same code on
+the CPU.
 
 Sections (each prints its progress on stderr and adds rows to one table; each measured section has a row naming the
 attention backend it used):
@@ -288,8 +289,18 @@ def run_command(cmd, env, what, timeout=600):
     log(f"{what}: {' '.join(cmd[3:])}")
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if out.returncode:
-        raise RuntimeError(f"{what} failed (exit {out.returncode}): {out.stderr.strip()[-1500:]}")
+        raise RuntimeError(f"{what} failed (exit {out.returncode}): {error_line(out.stderr)}; the end of its stderr: "
+                           f"{out.stderr.strip()[-1500:]}")
     return out
+
+
+def error_line(stderr):
+    """The error a failed run stated: train.py's one-line "error: ..." or the last exception's first line, from a
+    worker's lines (torchrun prefixes them with [rankN]:) rather than the launcher's ChildFailedError."""
+    lines = [re.sub(r"^\[rank\d+\]:\s?", "", line) for line in stderr.splitlines()]
+    errors = [line for line in lines if re.match(r"(error: |[\w.]+(Error|Exception): )", line)
+              and "ChildFailedError" not in line]
+    return errors[-1] if errors else "no error line"
 
 
 def read_train_log(out):
@@ -532,14 +543,14 @@ def parallel_rows(dev, n, runs, kw, env, floors):
                                    attention=logged_backend(run.stderr, dev))
             plain, world = runs["processes"], n
         except RuntimeError as e:
-            rows.append(row("2 train", f"{label}: ran", str(e)[-600:], "runs", "FAIL"))
+            rows.append(row("2 train", f"{label}: ran", str(e)[:600], "runs", "FAIL"))
     what = f"--cpu-offload vs without, {world} process{'es' * (world > 1)}"
     try:
         run_command(train_command(runs["offload"], nproc=world, extra=["--cpu-offload"], **kw), env,
                     f"train.py --cpu-offload, {world} process(es)")
         rows += agreement_rows(what, plain, runs["offload"], floors)
     except RuntimeError as e:
-        rows.append(row("2 train", f"{what}: ran", str(e)[-600:], "runs", "FAIL"))
+        rows.append(row("2 train", f"{what}: ran", str(e)[:600], "runs", "FAIL"))
     return rows
 
 
@@ -883,7 +894,7 @@ def section_compile(device, out, shape=LLAMA_7B_LAYER, layers=2, steps=12, tiny=
             runs = compile_pair(dev, out, name, checkpointing, threads, **dict(recipe, steps=steps, save_every=0))
             rows += compile_rows(what, runs, dev)
         except RuntimeError as e:
-            rows.append(row("6 compile", f"{what}: ran", str(e)[-600:], "runs", "FAIL"))
+            rows.append(row("6 compile", f"{what}: ran", str(e)[:600], "runs", "FAIL"))
     shutil.rmtree(folder, ignore_errors=True)
     return rows
 

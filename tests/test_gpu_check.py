@@ -232,6 +232,19 @@ def test_parallel_rows_skipped_with_a_reason_and_offload_still_run(tmp_path, mon
             assert rows[0]["status"] == "FAIL" and "NCCL error" in rows[0]["value"]
 
 
+def test_a_failed_run_states_its_error_first():
+    """A failed torchrun run's row starts with its worker's error, not with the launcher's ChildFailedError."""
+    stderr = ("[rank0]: Traceback (most recent call last):\n[rank0]:   File \"train.py\", line 1\n"
+              "[rank0]: torch.utils.checkpoint.CheckpointError: torch.utils.checkpoint: Recomputed values differ\n"
+              "[rank0]: Tip: pass debug=True\nTraceback (most recent call last):\n"
+              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n=====\ntrain.py FAILED\n")
+    assert check.error_line(stderr) == \
+        "torch.utils.checkpoint.CheckpointError: torch.utils.checkpoint: Recomputed values differ"
+    code = "import sys; print('error: --rope: bad', file=sys.stderr); sys.exit(1)"
+    with pytest.raises(RuntimeError, match=r"^run failed \(exit 1\): error: --rope: bad; the end"):
+        check.run_command([sys.executable, "-c", code], dict(os.environ), "run")
+
+
 def test_two_processes_against_one_on_the_cpu(tmp_path, tiny_model_dir, text_corpus):
     """train.py in 2 gloo processes against 1, bf16 with checkpointing, as section 2 runs them: the same micro-batches
     in both, step 1's loss to the log's resolution, later losses and the final weights within the reorder
@@ -316,14 +329,14 @@ def test_train_commands_parse_in_train_py(tiny_model_dir, text_corpus):
     assert (args.cpu_offload, args.compile, args.threads, args.micro_batch_size) == (True, True, 1, 4)
 
 
-@pytest.mark.skipif(not os.environ.get("POSE_SLOW_TESTS"), reason="about 2 minutes on 2 cores (8 train.py runs); "
+@pytest.mark.skipif(not os.environ.get("POSE_SLOW_TESTS"), reason="about a minute on 2 cores (8 train.py runs); "
                     "set POSE_SLOW_TESTS=1")
 def test_train_check_end_to_end_on_cpu(tmp_path, tiny_model_dir, text_corpus):
     """The whole section 2 on the CPU: torchrun train.py in bf16 with checkpointing vs fp32, a second straight run,
     kill -9 after a checkpoint, --resume, 2 gloo processes vs 1, --cpu-offload in 2 processes; every row passes, and
     the resumed run is the uninterrupted one exactly (CPU kernels are deterministic: the noise floor is 0)."""
     rows = check.train_check("cpu", str(tmp_path / "train"), model=tiny_model_dir, data=text_corpus, steps=12,
-                             save_every=3, train_len=32, target=128, batch=4, micro_batch=2, lr=3e-3, threads=1)
+                             save_every=3, train_len=32, target=128, batch=4, micro_batch=2, threads=1)
     status = {r["check"]: r["status"] for r in rows}
     assert set(status.values()) == {"pass", "info"}, rows
     floor = next(r for r in rows if r["check"].startswith("noise floor"))["data"]
