@@ -37,7 +37,7 @@ import time
 
 import numpy as np
 
-import cli
+from lib import cli
 import pose
 
 

@@ -25,7 +25,6 @@ In code (train.py, evaluate.py):
     corpus = load_corpus("assets/books/train", tokenizer=tok)   # raw text: prepared into ~/.cache/pose once
     window = corpus.sample(rng, 2048)   # 2048 tokens of a document chosen with probability ~ its length
 """
-import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -40,8 +39,8 @@ from array import array
 import numpy as np
 from tqdm import tqdm
 
-import cli
-from tokenizer import DataError, Tokenizer, load_tokenizer  # noqa: F401 (data.Tokenizer, data.DataError)
+from lib import cli
+from lib.tokenizer import DataError, Tokenizer, load_tokenizer  # noqa: F401 (data.Tokenizer, data.DataError)
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
 BATCH_CHARS = 16 * 2**20  # documents go to the tokenizer ~16M characters at a time (one multithreaded call)
@@ -315,19 +314,6 @@ def open_prepared(prefix):
     return Corpus(tokens, offsets, meta=meta)
 
 
-@contextlib.contextmanager
-def cache_lock(cached):
-    """Hold the cache entry `cached`'s file lock: the processes of a torchrun job on one machine prepare its raw data
-    once, one of them, while the others wait outside any collective."""
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    with open(cached + ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None, threads=None):
     """A Corpus of the documents with >= min_tokens tokens, from a prepared dataset or from raw input.
 
@@ -362,13 +348,12 @@ def load_corpus(path, tokenizer=None, min_tokens=0, cache_dir=None, threads=None
         key = hashlib.sha256(key.encode()).hexdigest()[:16]
         cache_dir = cache_dir or os.environ.get("POSE_CACHE") or os.path.expanduser("~/.cache/pose")
         cached = os.path.join(cache_dir, f"{os.path.basename(os.path.abspath(path)).split('.')[0]}-{key}")
-        with cache_lock(cached):  # one process per machine prepares; the others wait here, then read its result
-            if not os.path.isfile(cached + ".json"):
-                meta = prepare(path, tok, cached, min_tokens, verbose=False, reuse=True,  # None: another process did
-                               threads=threads)
-                # a progress message, shown where tqdm's bar is: piped stderr keeps warnings only
-                if meta is not None and sys.stderr.isatty():
-                    print(f"prepared {path} once, into the cache: {describe_prepared(cached, meta)}", file=sys.stderr)
+        if not os.path.isfile(cached + ".json"):  # preparations take turns (prepare): one process per machine works
+            meta = prepare(path, tok, cached, min_tokens, verbose=False, reuse=True,  # None: another process did
+                           threads=threads)
+            # a progress message, shown where tqdm's bar is: piped stderr keeps warnings only
+            if meta is not None and sys.stderr.isatty():
+                print(f"prepared {path} once, into the cache: {describe_prepared(cached, meta)}", file=sys.stderr)
         corpus = open_prepared(cached)
     else:
         raise DataError(f"not found: {path} is neither input nor a prepared dataset ({prefix}.json is missing; "

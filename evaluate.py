@@ -57,7 +57,7 @@ against the free memory before any weight is loaded.
 --dry-run prints the plan (weights, KV cache, the forward's largest temporaries, the peak); it reads config.json alone.
 --gpu-memory GB states a GPU's free memory for a dry run; a CUDA run measures it (torch.cuda.mem_get_info).
 
-In code (bench.py): `evaluate.perplexity(model, docs, ctx, stride)` -> {"ppl", "nll", "tokens", "windows", ...}.
+In code (scripts/bench.py): `evaluate.perplexity(model, docs, ctx, stride)` -> {"ppl", "nll", "tokens", "windows", ...}.
 """
 import json
 import math
@@ -66,11 +66,11 @@ import os
 import numpy as np
 import torch
 
-import cli
+from lib import cli
 import data
 from lib import evaluation
-import hf
-import memory
+from lib import hf
+from lib import memory
 from model import ModelConfig
 from rope import CHECKPOINT, describe_rope, scaling_from_spec
 

@@ -9,7 +9,7 @@ The architecture is LLaMA 1/2/3 as in Hugging Face's `LlamaForCausalLM`: pre-nor
 attention with rotary embeddings (rope.py), a SwiGLU MLP, optional tied input/output embeddings. Mistral is the same
 with an optional sliding window (`MistralForCausalLM`), Qwen2 / Qwen2.5 the same with biases on the q, k and v
 projections (`Qwen2ForCausalLM`). Module names equal the Hugging Face checkpoint names (less the "model." prefix), so
-loading is a rename (hf.py), not a conversion.
+loading is a rename (lib/hf.py), not a conversion.
 """
 import sys
 from dataclasses import asdict, dataclass, field
@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import cli
-import hf
+from lib import cli
+from lib import hf
 from rope import RoPE, apply_rope, normalize_rope_scaling
 
 
@@ -354,7 +354,7 @@ class LLaMA(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, rope_scaling=None, device="cpu"):
         """Load a Hugging Face LLaMA, Mistral, Qwen2 or Baichuan directory (config.json + safetensors or
-        pytorch_model.bin, single or sharded; hf.py).
+        pytorch_model.bin, single or sharded; lib/hf.py).
 
         rope_scaling: None keeps the checkpoint's; a dict replaces it ({"rope_type": "default"} removes it).
         The model is built on the meta device and each checkpoint tensor is moved into place as it is read, so only
@@ -378,7 +378,7 @@ class LLaMA(nn.Module):
         state_dict: a full, unsharded state dict (train.py passes the one gathered from FSDP); default: this model's.
         tokenizer_dir: where the tokenizer files are; default: the directory from_pretrained read.
         max_position_embeddings: the window config.json claims; default the model's own; an extended model's export
-        gives its target (checkpoints.export; hf.py writes dynamic NTK over the original window instead)."""
+        gives its target (checkpoints.export; lib/hf.py writes dynamic NTK over the original window instead)."""
         state = state_dict or self.state_dict()
         dtype = next(iter(state.values())).dtype
         fields = asdict(self.cfg)

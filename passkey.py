@@ -51,13 +51,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-import cli
-import hf
-import memory
+from lib import cli
+from lib import hf
+from lib import memory
 from lib import evaluation
 from data import Tokenizer
 from model import KVCache, ModelConfig
-from prompts import FILLER, KEY_LINE, QUESTION, TASK, prompt_text  # noqa: F401 (passkey.TASK etc.: scripts read them)
+from lib.prompts import FILLER, KEY_LINE, QUESTION, TASK, prompt_text  # noqa: F401 (scripts read them here)
 from rope import CHECKPOINT, rope_type, scaling_from_spec
 
 

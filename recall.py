@@ -20,7 +20,7 @@ tokenizer read identical sequences):
     A model that copies has copy_nll far below first_nll; one that cannot see d tokens back has them equal. Each
     sequence holds one probe per distance of its length group (below), at random non-overlapping places: one
     forward pass scores them all. --sequences sequences per group.
-  - passkey: the paper's passkey prompt (passkey.py, prompts.py) whose key line starts exactly d positions before
+  - passkey: the paper's passkey prompt (passkey.py, lib/prompts.py) whose key line starts exactly d positions before
     the position that generates the answer, the filler before the key sized to the group's length. Filler after
     the key is whole sentences, the last one cut to the token so that the distance is exact.
   - multikey: --keys labelled keys ("The pass key of the river is ...") in the same filler, the asked one exactly d
@@ -60,13 +60,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-import cli
+from lib import cli
 import data
-import hf
-import memory
+from lib import hf
+from lib import memory
 from lib import evaluation
 from model import ModelConfig
-from prompts import FILLER, KEY_LINE, QUESTION, TASK
+from lib.prompts import FILLER, KEY_LINE, QUESTION, TASK
 from rope import CHECKPOINT, scaling_from_spec
 
 TASKS = ("copy", "passkey", "multikey")
@@ -578,10 +578,7 @@ def main(argv=None):
                                                for r in rows])
         if len(rows) == 1:  # one row: its means and effective distances at the top level too
             result.update(rows[0]["summary"], effective_distance=rows[0]["effective_distance"])
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.json)
+        cli.write_text_atomically(args.json, json.dumps(result, indent=1))
     if args.plot:
         write_plot(args.plot, rows)
 

@@ -1,22 +1,23 @@
 """Extend a LLaMA's context window by fine-tuning: PoSE (default) or a baseline, with FSDP2 on any number of processes.
 
-    torchrun --nproc_per_node 8 train.py --model llama-7b --data pile.jsonl --target 16384      # 8 GPUs
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-endpoint HOST:29500 train.py ... --target 131072 --rope yarn
     python train.py --target 2048                          # one CPU process, the bundled tiny model and books
     torchrun --nproc_per_node 2 train.py --target 2048     # two CPU processes (gloo): same batches, same weights
-    python train.py --model llama-7b --target 16384 --world 8 --device cuda --dry-run   # will it fit on 8 GPUs?
+    torchrun --nproc_per_node 8 train.py --model llama-7b --data data/pile --target 16384      # 8 GPUs
+    python train.py --model assets/configs/llama-7b --target 16384 --world 8 --device cuda --gpu-memory 80 --dry-run
 
 Each optimizer step takes `--batch-size` examples (64, the paper's global batch): `--micro-batch-size` per process
 and forward/backward, accumulated over batch / (world x micro) micro-steps. Example i of the run is a pure function
 of (--seed, i) (pose.example_rng), so the run is the same whatever the number of processes, and a resumed run
-continues exactly where the checkpoint left it.
+continues exactly where the checkpoint left it. On CUDA the memory plan chooses the micro-batch and activation
+checkpointing unless they are given (lib/settings.plan_defaults). Prepare large data first with `python data.py`.
 
 Recipes (--recipe; every flag it sets can still be given):
     paper  the paper's (section 4.1) for real checkpoints: AdamW, lr 2e-5, no weight decay, 10 warmup steps then
-           linear decay, 1000 steps of 64 examples, linear position interpolation, micro-batch 1
+           linear decay, 1000 steps of 64 examples, linear position interpolation, micro-batch 1 on the CPU
     tiny   the bundled tiny model's: 100 steps of 16 examples, lr 2e-4, YaRN, the whole per-process batch in one
-           micro-step; about 3 minutes on a 2-core CPU (README, "Results at toy scale", says why YaRN)
-The default is tiny for the bundled model (assets/tiny, however it is named) and paper for any other.
+           micro-step; about 3 minutes on a 2-core CPU (results/toy/README.md says why YaRN)
+The default is tiny for the bundled model and for a model a tiny run made (its args.json), paper for any other.
+Every run prints its recipe, why, and its token budget.
 
 Methods (--method):
     pose     train_len tokens, positions in --chunks chunks with random skips, up to target (paper eq. 3-5)
@@ -25,16 +26,18 @@ Methods (--method):
     pi       train_len tokens with plain positions: position interpolation fine-tuned without skips
 All apply --rope interpolation with factor target / original window ("none": no interpolation). A checkpoint that is
 already extended keeps its geometry: the new scaling is its own type with the factor grown to target / its original
-window (README, "Progressive extension").
+window (docs/at-scale.md, "Progressive extension").
 
-Outputs in --out (created by train.py, or a run directory it made): log.jsonl (one JSON object per optimizer step:
-step, loss, lr, tokens, seconds, ...), args.json, checkpoints/step_N (sharded, torch.distributed.checkpoint, every
---save-every steps and after the last; --resume continues from the latest, a finished run too), and at the end the model in Hugging Face format (config.json with rope_scaling and
-max_position_embeddings = target (hf.py says why dynamic NTK differs), safetensors in the base checkpoint's dtype,
-tokenizer files).
+Outputs in --out (created by train.py, or a run directory it made; one run at a time holds its lock): log.jsonl (one
+JSON object per optimizer step: step, loss, lr, tokens, seconds, ...), args.json, checkpoints/step_N (sharded,
+torch.distributed.checkpoint, every --save-every steps and after the last; --resume continues from the latest, a
+finished run too), and at the end the model in Hugging Face format (config.json with rope_scaling and
+max_position_embeddings = target (lib/hf.py says why dynamic NTK differs), safetensors in the base checkpoint's
+dtype, tokenizer files).
 
-Here: setup, build, examples, the loop, export, top to bottom; settings.py resolves the frozen Settings they take,
-rundir.py checks --out and writes args.json and the log, checkpoints.py saves, loads and exports, memory.py plans.
+Here: setup, build, examples, the loop, export, top to bottom. lib/settings.py resolves the frozen Settings they
+take; lib/rundir.py checks --out and writes args.json and the log; lib/checkpoints.py saves, loads and exports;
+lib/memory.py plans.
 """
 import dataclasses
 import datetime
@@ -52,15 +55,15 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-import checkpoints
-import cli
+from lib import checkpoints
+from lib import cli
 import data
-import hf
-import memory
+from lib import hf
+from lib import memory
 import pose
-import rundir
-import settings
-from cli import UsageError
+from lib import rundir
+from lib import settings
+from lib.cli import UsageError
 from model import LLaMA, ModelConfig
 
 
@@ -136,6 +139,9 @@ def sharded_model(cfg, device, mesh, precision="fp32", cpu_offload=False, grad_c
         fully_shard(block, **kw)
     fully_shard(model, **kw)
     model.to_empty(device="cpu" if cpu_offload else device)
+    if compile:  # fill RoPE's per-device cache now: filling it inside a compiled block would recompile it, and
+        # activation checkpointing would then recompute with the other graph
+        model.rope.frequencies(torch.zeros(1, 1, dtype=torch.long, device=device))
     model.gradient_checkpointing = grad_checkpointing
     return model.train()
 
@@ -145,7 +151,7 @@ def build(s, device, mesh, rank):
     fields = dict(hf.read_config(s.model), rope_scaling=s.rope_scaling)
     # 1) the data, on every rank before any collective: documents long enough for one example (the paper keeps
     # documents of >= train_len tokens). Raw data is tokenized into the cache by one process per machine while the
-    # others of the machine wait on the cache's file lock (data.py), not in a collective with a timeout.
+    # others of the machine wait for their turn (data.prepare's lock), not in a collective with a timeout.
     corpus, error = None, None
     try:
         corpus = data.load_corpus(s.data, data.Tokenizer(s.model), min_tokens=s.seq_len)

@@ -13,7 +13,7 @@ report their progress by layer (cli.layer_progress).
 import os
 from dataclasses import dataclass
 
-import cli
+from lib import cli
 from model import LLaMA
 from rope import CHECKPOINT, describe_rope, original_window, scaling_from_spec, supported_window
 

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import cli  # noqa: E402
+from lib import cli  # noqa: E402
 from passkey import FILLER, QUESTION  # noqa: E402
 
 KEY_LINE_HEAD = "The pass key is"  # passkey.KEY_LINE up to the key
@@ -148,7 +148,7 @@ def arm_census(argv, patterns=None, corpus=None, pool=None):
     Builds the run's resolved arguments as train.py does (one process, CPU) and reads the same corpus and pool;
     `corpus` and `pool` may be given (loaded once for several arms of the same data)."""
     import data
-    import settings
+    from lib import settings
     import train
 
     args = settings.from_command_line(list(argv), world=1, device="cpu")

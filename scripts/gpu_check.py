@@ -7,7 +7,7 @@
 Needs one CUDA GPU (H100 / H200 class: the memory section wants about 45 GB at --layers 4 8), PyTorch with CUDA,
 transformers, sentencepiece, safetensors and tqdm; no network. flash-attn is used when it is installed. Without CUDA
 it prints one line and exits 0; --rehearse runs every section on the CPU at tiny sizes instead (the GPU hidden), the
-same functions and train.py / bench.py commands as the GPU run (about 3 minutes on a busy 2-core CPU). It exits 1
+same functions and train.py / scripts/bench.py commands as the GPU run (about 3 minutes on a busy 2-core CPU). It exits 1
 when a check fails. Every section is a function that takes a device, so tests/test_gpu_check.py runs the same code on
 the CPU.
 
@@ -23,13 +23,13 @@ attention backend it used):
                the uninterrupted run, within NOISE_MULTIPLE x the floor. With N >= 2 GPUs (2 gloo processes on the
                CPU): N processes against 1, losses and final weights. A --cpu-offload run (N processes, else 1)
                against the plain run of the same processes. With one GPU the N-process rows say skipped, and why.
-  3. memory    `bench.py memory` at LLaMA-7B's layer shape with two layer counts: train.py's own FSDP2 model, batches
+  3. memory    `scripts/bench.py memory` at LLaMA-7B's layer shape with two layer counts: train.py's own FSDP2 model, batches
                and optimizer steps (bf16, activation checkpointing, 2048 tokens per example), and evaluation windows
                of 32k and 128k tokens through evaluate.perplexity. The weights, gradients and AdamW state, counted
-               tensor by tensor and read from the allocator, against memory.py's plan of the same run (train.py
+               tensor by tensor and read from the allocator, against lib/memory.py's plan of the same run (train.py
                --dry-run); the step's peak beside the plan; a straight line through the two layer counts gives each
                quantity at 32 layers, and LLaMA-7B per GPU at 8 GPUs beside `train.py --dry-run --world 8`.
-  4. speed     `bench.py speed` at the larger layer count: tokens/s and model FLOPs utilization of train.py's optimizer
+  4. speed     `scripts/bench.py speed` at the larger layer count: tokens/s and model FLOPs utilization of train.py's optimizer
                step, PoSE (2048 tokens, positions up to 16k) vs full-length (16k tokens), and forward + backward of
                our model (its attention backend named) vs transformers' LlamaForCausalLM (sdpa) on the same weights,
                timed alternately.
@@ -41,8 +41,8 @@ attention backend it used):
                layers of LLaMA-7B's shape (fresh weights, 2048 tokens, no checkpointing, as the plan chooses for
                LLaMA-7B on 8 x 80 GB).
 
-Memory and speed run `python bench.py SECTION --device cuda --layers ... --json OUT/bench_SECTION.json` and turn
-its JSON into rows; bench.py measures each model size in a fresh process, so that it starts from an empty CUDA
+Memory and speed run `python scripts/bench.py SECTION --device cuda --layers ... --json OUT/bench_SECTION.json` and turn
+its JSON into rows; scripts/bench.py measures each model size in a fresh process, so that it starts from an empty CUDA
 allocator. This script defines no model setup, batch or training step of its own.
 
 Time on one H100, estimated from the sizes (a train.py run of the tiny model costs about 15 s: two Python and CUDA
@@ -50,8 +50,8 @@ starts under torchrun, 24 steps of 4096 tokens, 7 small checkpoints; a first com
 backward about 30 s, twice per compiled run as the rope cache's first fill recompiles it):
   logits   20 s   5 rope types x (CPU fp32 and bf16 references of a 4-layer model, 1-2 GPU runs)
   train   130 s   6 train.py runs on the GPU (7 with 2+ GPUs) and one on the host's CPU
-  memory   60 s   two bench.py processes (4 and 8 layers of LLaMA-7B, 3 steps, 32k and 128k windows)
-  speed    80 s   one bench.py process: 12 steps of 2k and 16k tokens, writing and loading 8 layers for transformers
+  memory   60 s   two scripts/bench.py processes (4 and 8 layers of LLaMA-7B, 3 steps, 32k and 128k windows)
+  speed    80 s   one scripts/bench.py process: 12 steps of 2k and 16k tokens, writing and loading 8 layers for transformers
   passkey  20 s   2 lengths x 3 trials x 2 ways on a 4-layer model
   compile 170 s   4 train.py runs, two of them compiling; writing a 0.9 GB checkpoint
   total   about 8 minutes.
@@ -74,15 +74,15 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import cli  # noqa: E402
-import memory  # noqa: E402
+from lib import cli  # noqa: E402
+from lib import memory  # noqa: E402
 import passkey  # noqa: E402
 from data import Tokenizer  # noqa: E402
 from model import BACKENDS, LLaMA, ModelConfig, attention_backend  # noqa: E402
 from pose import skip_positions  # noqa: E402
 
 TRAIN = os.path.join(ROOT, "train.py")
-BENCH = os.path.join(ROOT, "bench.py")
+BENCH = os.path.join(ROOT, "scripts", "scripts/bench.py")
 GB = memory.GB  # decimal gigabytes, as train.py --dry-run's plan
 
 # bf16 keeps 8 significant bits (unit roundoff u = 2^-8 = 3.9e-3) and every matrix product, norm and residual add
@@ -428,7 +428,7 @@ def logged_backend(stderr, device):
 
 def rule_backend(device, dtype):
     """The attention backend model.attention_backend picks for the default attn_impl ("auto") in `dtype` on `device`,
-    with its reason: what a section's processes use when their log is not at hand (bench.py's workers)."""
+    with its reason: what a section's processes use when their log is not at hand (scripts/bench.py's workers)."""
     backend, reason = attention_backend("auto", dtype, torch.device(device))
     return f"{BACKENDS[backend]} ({reason})"
 
@@ -555,7 +555,7 @@ def parallel_rows(dev, n, runs, kw, env, floors):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 3./4. memory and speed at LLaMA-7B's layer shape: bench.py's sections of those names, turned into rows
+# 3./4. memory and speed at LLaMA-7B's layer shape: scripts/bench.py's sections of those names, turned into rows
 
 STATE = {"weights": "fp32 weights", "gradients": "fp32 gradients", "adamw": "AdamW state"}  # bytes x parameters
 ALLOCATED = dict(STATE, working="forward + backward peak above weights, gradients and AdamW state",
@@ -563,13 +563,13 @@ ALLOCATED = dict(STATE, working="forward + backward peak above weights, gradient
 
 
 def run_bench(section, out, device, layers, flags=()):
-    """`python bench.py SECTION --device DEVICE --layers ... --json OUT/bench_SECTION.json FLAGS`, which measures
-    each layer count in a fresh process (an empty CUDA allocator); returns its JSON. flags: more of bench.py's (the
+    """`python scripts/bench.py SECTION --device DEVICE --layers ... --json OUT/bench_SECTION.json FLAGS`, which measures
+    each layer count in a fresh process (an empty CUDA allocator); returns its JSON. flags: more of scripts/bench.py's (the
     tests' tiny sizes)."""
     path = os.path.join(out, f"bench_{section}.json")
     cmd = [sys.executable, BENCH, section, "--device", str(device), "--layers", *map(str, layers), "--json", path,
            *flags]
-    run_command(cmd, dict(os.environ), f"bench.py {section}", timeout=1800)
+    run_command(cmd, dict(os.environ), f"scripts/bench.py {section}", timeout=1800)
     with open(path) as f:
         return json.load(f)
 
@@ -587,7 +587,7 @@ def extrapolate(points, n):
 
 
 def plan_at(run, layers, world):
-    """memory.py's plan (Plan.parts, bytes) of a bench.py memory run's model and settings with `layers` layers on
+    """lib/memory.py's plan (Plan.parts, bytes) of a scripts/bench.py memory run's model and settings with `layers` layers on
     `world` GPUs, accumulating gradients over micro-steps as the paper's recipe does (64 examples per step)."""
     s = run["settings"]
     cfg = ModelConfig(**dict(run["config"], n_layers=layers))
@@ -595,8 +595,8 @@ def plan_at(run, layers, world):
 
 
 def memory_rows(result, layers=32, world=PLAN_WORLD):
-    """Rows from bench.py memory's JSON (two or more layer counts): the weights, gradients and AdamW state counted
-    tensor by tensor, which must equal memory.py's plan to the byte; on a GPU, the same three read from the allocator
+    """Rows from scripts/bench.py memory's JSON (two or more layer counts): the weights, gradients and AdamW state counted
+    tensor by tensor, which must equal lib/memory.py's plan to the byte; on a GPU, the same three read from the allocator
     (within MEMORY_EXACT_RTOL), what a step adds to them and its peak (beside the plan, for information), each at
     every layer count and on the straight line through them at `layers` (LLaMA-7B's 32), LLaMA-7B per GPU on `world`
     GPUs, and the evaluation windows."""
@@ -606,7 +606,7 @@ def memory_rows(result, layers=32, world=PLAN_WORLD):
         points = [(r["layers"], r["counted"][key], r["plan"][key]) for r in runs]
         rows.append(row("3 memory", f"{name}, counted tensor by tensor",
                         ", ".join(f"{n} layers {counted / GB:.3f} GB" for n, counted, _ in points),
-                        "memory.py's plan, to the byte", "pass" if all(c == p for _, c, p in points) else "FAIL",
+                        "lib/memory.py's plan, to the byte", "pass" if all(c == p for _, c, p in points) else "FAIL",
                         points=points))
     if runs[0]["allocated"] is None:  # the CPU: no allocator counters
         return rows + eval_rows(runs, layers)
@@ -654,7 +654,7 @@ def eval_rows(runs, layers):
 
 
 def speed_rows(result):
-    """Rows from bench.py speed's JSON: each training step's time, tokens/s and MFU (above 1 is impossible: a FLOP
+    """Rows from scripts/bench.py speed's JSON: each training step's time, tokens/s and MFU (above 1 is impossible: a FLOP
     count or timing mistake), full-length / PoSE, and ours vs transformers (their losses must agree)."""
     peak, rows = result["peak_tflops"], []
     for r in result["runs"]:
@@ -684,17 +684,17 @@ def speed_rows(result):
 
 def section_memory(out, layer_counts, device="cuda", flags=()):
     result = run_bench("memory", out, device, layer_counts, flags)
-    # bench.py's workers keep their stderr: the backend is the one its rule gives for their dtype (bf16 on CUDA)
+    # scripts/bench.py's workers keep their stderr: the backend is the one its rule gives for their dtype (bf16 on CUDA)
     attention = rule_backend(device, cli.torch_dtype(None, torch.device(device).type))
-    return [row("3 memory", "attention backend of bench.py's steps and windows", attention, attention=attention),
+    return [row("3 memory", "attention backend of scripts/bench.py's steps and windows", attention, attention=attention),
             *memory_rows(result)], result
 
 
 def section_speed(out, layers, peak_tflops=None, device="cuda", flags=()):
     flags = [*flags, *(["--peak-tflops", str(peak_tflops)] if peak_tflops else [])]
     result = run_bench("speed", out, device, [layers], flags)
-    attention = result["runs"][0]["versus"]["attention"]  # bench.py's model, as train.py's steps in its dtype
-    return [row("4 speed", "attention backend of bench.py's steps and of ours", attention, attention=attention),
+    attention = result["runs"][0]["versus"]["attention"]  # scripts/bench.py's model, as train.py's steps in its dtype
+    return [row("4 speed", "attention backend of scripts/bench.py's steps and of ours", attention, attention=attention),
             *speed_rows(result)], result
 
 
@@ -960,7 +960,7 @@ def parse_args(argv=None):
                         "default 4 8 (--rehearse: 1 2)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run these sections only")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the GPU's bf16 dense peak, if not in bench.py's PEAK_TFLOPS")
+                   help="the GPU's bf16 dense peak, if not in scripts/bench.py's PEAK_TFLOPS")
     p.add_argument("--rehearse", action="store_true",
                    help="run every section on the CPU at tiny sizes (the GPU hidden): the GPU run's code paths")
     args = p.parse_args(argv)

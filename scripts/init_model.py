@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cli  # noqa: E402
-import hf  # noqa: E402
+from lib import cli  # noqa: E402
+from lib import hf  # noqa: E402
 from data import Tokenizer  # noqa: E402
 from model import LLaMA, ModelConfig  # noqa: E402
 

@@ -51,7 +51,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import cli  # noqa: E402
+from lib import cli  # noqa: E402
 import data  # noqa: E402
 from model import LLaMA  # noqa: E402
 from rope import rope_frequencies  # noqa: E402

@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import cli  # noqa: E402
+from lib import cli  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import passkey  # noqa: E402

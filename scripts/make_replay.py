@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import census  # noqa: E402
-import cli  # noqa: E402
+from lib import cli  # noqa: E402
 import data  # noqa: E402
 from make_passkey_corpus import episode  # noqa: E402
 from passkey import prompt_text  # noqa: E402

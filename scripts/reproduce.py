@@ -63,7 +63,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-import cli  # noqa: E402
+from lib import cli  # noqa: E402
 from reproduce_common import read_json  # noqa: E402
 from toy_publish import publish, restore  # noqa: E402
 from toy_report import PublishError, write_results  # noqa: E402

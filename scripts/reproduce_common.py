@@ -7,8 +7,12 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from lib.cli import write_atomically, write_text_atomically  # noqa: E402,F401 (the project's atomic write)
 
 
 def row_dir(out, row, seed):
@@ -26,20 +30,8 @@ def git_state():
         return {"commit": None, "dirty": None}
 
 
-def write_atomically(path, write):
-    """write(tmp) on a temporary name of this process with path's extension (matplotlib reads it), then rename to
-    path: two processes rewriting one file leave one whole version of it."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    write_atomically(path, write)
+    write_text_atomically(path, text)
 
 
 def write_json(path, obj, **kw):
@@ -64,7 +56,7 @@ def log_ticks(ax):
     once the data are plotted."""
     import matplotlib.ticker
     low, high = ax.get_ylim()
-    if high / low < 10:
+    if low <= 0 or high / low < 10:
         return
     ax.set_yscale("log")
     subs = range(1, 10) if high / low < 100 else (1, 2, 5)

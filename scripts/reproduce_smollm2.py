@@ -47,7 +47,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-import cli  # noqa: E402
+from lib import cli  # noqa: E402
 from reproduce_common import (git_state, log_ticks, mean_std, read_json, row_dir, write_atomically,  # noqa: E402
                               write_json, write_text)
 
@@ -156,7 +156,7 @@ def train_args(row, settings, seed, data):
 
 def train(row, seed, settings, folder, data):
     """train.py for one row and seed into folder/run (resumed when a checkpoint is there); its wall time."""
-    import checkpoints
+    from lib import checkpoints
     run = os.path.join(folder, "run")
     if os.path.isfile(os.path.join(run, "config.json")):  # exported: config.json is written last
         return run
@@ -202,7 +202,7 @@ def run_row_seed(slug, seed, settings, out, data, report):
     import torch
 
     import rope
-    import tokenizer as tokenizers
+    from lib import tokenizer as tokenizers
     from model import LLaMA
 
     row = ROW[slug]

@@ -35,7 +35,7 @@ def train_row_seed(row, seed, settings, folder, threads=1):
     """Run (or resume) train.py for one row and seed into folder/run; every attempt is logged in
     folder/train_attempts.jsonl with its wall time and the machine's load. Returns the run directory."""
     sys.path.insert(0, ROOT)
-    import checkpoints
+    from lib import checkpoints
 
     run_dir = os.path.join(folder, "run")
     if os.path.isfile(os.path.join(run_dir, "config.json")):  # exported: config.json is written last
@@ -142,8 +142,8 @@ def evaluate_steps(row, settings, folder, run_dir, tokenizer):
     """A long row's intermediate steps, each from its training checkpoint with the weights rounded to the export's
     dtype (as the final model is read), evaluated as the final model is; each kept in folder/step_K.json once done,
     the checkpoints deleted when all are. Returns {step: {ppl, passkey, recall}}."""
-    import checkpoints
-    import hf
+    from lib import checkpoints
+    from lib import hf
     from model import LLaMA
 
     dtype = hf.stored_dtype(hf.read_config(run_dir))

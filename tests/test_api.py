@@ -51,7 +51,7 @@ def option_strings(script, monkeypatch):
     """Every option string of the script's argparse parser (its actions), taken from the parser the script builds."""
     import importlib
 
-    import cli
+    from lib import cli
 
     def capture(parser, *args, **kwargs):
         raise Parsed(parser)

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from hf import CheckpointError
+from lib.hf import CheckpointError
 from model import KVCache, LLaMA
 from helpers import rel_err
 

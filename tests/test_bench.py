@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import bench
-import cli
-import memory
+from lib import cli
+from lib import memory
 import train
 from model import ModelConfig
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import cli
+from lib import cli
 import data
 import evaluate
 import passkey

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import cli
+from lib import cli
 
 
 def test_threads_flag_and_what_it_sets(monkeypatch):

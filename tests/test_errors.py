@@ -152,9 +152,9 @@ def test_bad_input_from_the_command_line(tmp_path, bad, tiny_model_dir, text_cor
         ("data.py", ["--input", text_corpus, "--tokenizer", tiny_model_dir, "--out", prepared],
          "already holds a prepared dataset (" + prepared + ".json); --overwrite replaces it"),
         ("passkey.py", ["--model", bad / "truncated"], "model.safetensors: cannot read safetensors file (truncated: "),
-        ("bench.py", [], "name a section: model, loss, pose, eval, memory, speed, all"),
+        ("scripts/bench.py", [], "name a section: model, loss, pose, eval, memory, speed, all"),
         *[(script, ["--threads", 0], "argument --threads: must be >= 1, got 0")
-          for script in ("evaluate.py", "passkey.py", "data.py", "bench.py")],
+          for script in ("evaluate.py", "passkey.py", "data.py", "scripts/bench.py")],
     ]
     before = snapshot(bad)
     procs = []

@@ -239,8 +239,8 @@ def test_dry_run_reads_config_json_alone(tiny_model_dir, tmp_path, capsys):
     a KV-cache line, the largest temporaries, the peak) and the path, on the CPU with no memory to check."""
     import shutil
 
-    import hf
-    import memory
+    from lib import hf
+    from lib import memory
     shutil.copy(os.path.join(tiny_model_dir, "config.json"), tmp_path)
     evaluate.main(["--model", str(tmp_path), "--data", str(tmp_path / "missing"), "--ctx", "64", "128", "--device",
                    "cpu", "--dry-run"])

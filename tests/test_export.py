@@ -81,6 +81,7 @@ def test_export_dtype_and_checkpoints(spm_tokenizer, text_corpus, tmp_path):
     assert stored_dtypes(out) == {"BF16"} and json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
     assert not os.path.exists(out / "checkpoints")
     lines = proc.stdout.strip().splitlines()
+    lines = lines[next(i for i, line in enumerate(lines) if line.startswith("removed")):]  # the summary
     assert lines[0] == f"removed {out / 'checkpoints'} (--delete-checkpoints)"
     assert lines[1].startswith(f"saved the extended model to {out} (") and "checkpoints/" not in lines[1]
     assert lines[-1].startswith("note: revised YaRN") and "this project only" in lines[-1]
@@ -102,7 +103,7 @@ def test_train_qwen2_with_tokenizer_json_only(hf_tokenizer_dirs, text_corpus, tm
     out = tmp_path / "out"
     proc = run_train(short_run(tmp_path / "qwen2", text_corpus, out, "--save-every", 1, "--export-dtype", "bf16",
                                "--rope", "yarn"))
-    summary = proc.stdout.strip().splitlines()[0]
+    summary = next(line for line in proc.stdout.splitlines() if line.startswith("saved the extended model"))
     assert "of which checkpoints/" in summary and "MB: --resume continues from them" in summary
     assert stored_dtypes(out) == {"BF16"}
     theirs = transformers.Qwen2ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

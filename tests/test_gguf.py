@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from lib import cli
 from data import Tokenizer
 from model import LLaMA, ModelConfig
 from helpers import ROOT, rel_err

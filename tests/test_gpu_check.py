@@ -22,7 +22,7 @@ spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
 check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(check)
 
-import memory  # noqa: E402
+from lib import memory  # noqa: E402
 from model import KVCache, ModelConfig  # noqa: E402
 
 LLAMA_7B_PARAMS = 6_738_415_616  # Meta's LLaMA-7B / Llama-2-7B checkpoints
@@ -313,7 +313,7 @@ def test_run_and_kill_after_a_checkpoint(tmp_path):
 
 def test_train_commands_parse_in_train_py(tiny_model_dir, text_corpus):
     """Every flag gpu_check gives train.py exists and means what gpu_check assumes."""
-    import settings
+    from lib import settings
     cmd = check.train_command("out/x", model=tiny_model_dir, data=text_corpus, precision="fp32", checkpointing=False,
                               resume=True)
     args = settings.parser().parse_args(cmd[cmd.index(check.TRAIN) + 1:])

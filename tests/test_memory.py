@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-import cli
+from lib import cli
 from helpers import ROOT
 
 ACTIVATION_TOL = 0.2  # measured: 3 % above without checkpointing, 9 % with
@@ -30,8 +30,8 @@ def worker(argv):
     import torch
 
     import data
-    import memory
-    import settings
+    from lib import memory
+    from lib import settings
     import train
     s = settings.from_command_line(argv, world=1, device="cpu")
     device, mesh = train.setup_distributed()
@@ -76,7 +76,7 @@ def test_dry_run_of_llama_7b_needs_no_weights(tmp_path):
     every setting, the first examples and the plan of 8 GPUs; nothing written, exit 0."""
     import shutil
 
-    import memory
+    from lib import memory
     from model import ModelConfig
     model = tmp_path / "llama-7b"
     model.mkdir()
@@ -104,8 +104,8 @@ def test_dry_run_of_llama_7b_needs_no_weights(tmp_path):
 
 def test_a_run_that_does_not_fit_is_refused_in_one_line():
     """What train.py does on CUDA before any weight goes to the GPU (free memory: the least over the ranks)."""
-    import memory
-    from cli import UsageError
+    from lib import memory
+    from lib.cli import UsageError
     from model import ModelConfig
     plan = memory.plan(ModelConfig(), world=8)
     memory.check_fits(plan, {"cuda:0": 80e9, "cuda:1": 79e9})
@@ -115,8 +115,8 @@ def test_a_run_that_does_not_fit_is_refused_in_one_line():
 
 
 def test_world_and_device_plan_a_dry_run_only():
-    import settings
-    from cli import UsageError
+    from lib import settings
+    from lib.cli import UsageError
     with pytest.raises(UsageError, match="--world, --device and --gpu-memory plan a --dry-run"):
         settings.from_command_line(["--target", "2048", "--world", "8"])
 
@@ -130,7 +130,7 @@ def forward_worker(tokens=4096):
     and the plan's peak less the weights."""
     import torch
 
-    import memory
+    from lib import memory
     from model import KVCache, LLaMA
     out = {}
     for name, dtype in (("no cache", torch.bfloat16), ("cache", torch.bfloat16), ("loss", torch.float32)):
@@ -179,8 +179,8 @@ def test_evaluation_planner_chooses_no_cache_at_128k_on_80_gb():
 
     import torch
 
-    import memory
-    from cli import UsageError
+    from lib import memory
+    from lib.cli import UsageError
     from model import ModelConfig
     cfg = ModelConfig(**LLAMA_7B_128K)
     args = argparse.Namespace(device="cuda", gpu_memory=80, dry_run=False)

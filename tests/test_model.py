@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf import CheckpointError
+from lib.hf import CheckpointError
 from model import LLaMA
 from rope import RoPE
 from helpers import rel_err

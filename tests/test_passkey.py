@@ -300,7 +300,7 @@ def test_gpu_memory_states_a_gpu_for_a_dry_run(args, message, capsys):
 def test_a_cuda_run_measures_the_free_memory_before_loading(tmp_path, monkeypatch, capsys):
     """A CUDA run (faked here: the same code on the CPU) asks torch.cuda.mem_get_info, decodes without a cache where
     the cache does not fit, and stops in one line before reading the tokenizer or the weights where nothing fits."""
-    from cli import UsageError
+    from lib.cli import UsageError
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_7B_128K))
     free = {"bytes": 79e9}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from lib import cli
 import data
 import passkey
 import recall
@@ -170,8 +170,8 @@ def test_dry_run_reads_config_json_alone(tmp_path, capsys):
     (longest_forward), with its KV-cache and peak lines, and the path, on the CPU with no memory to check."""
     import shutil
 
-    import hf
-    import memory
+    from lib import hf
+    from lib import memory
     from model import ModelConfig
     shutil.copy(os.path.join(cli.BUNDLED_MODEL, "config.json"), tmp_path)
     recall.main(["--model", str(tmp_path), "--distances", "64", "128", "--tasks", "copy", "--device", "cpu",

@@ -10,9 +10,9 @@ import zlib
 import numpy as np
 import pytest
 
-import cli
+from lib import cli
 import data
-import settings as run_settings  # reproduce.py's `settings` are the design's
+from lib import settings as run_settings  # reproduce.py's `settings` are the design's
 import train
 from passkey import TASK, prompt_text
 from helpers import ROOT

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-import settings
+from lib import settings
 import train
-from cli import UsageError
+from lib.cli import UsageError
 from helpers import ROOT
 
 

@@ -10,9 +10,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-import cli
+from lib import cli
 import data
-import tokenizer
+from lib import tokenizer
 from data import DataError, Tokenizer
 from model import LLaMA, ModelConfig
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoints
-import hf
-import settings
+from lib import checkpoints
+from lib import hf
+from lib import settings
 import train
 from model import LLaMA, ModelConfig
 from helpers import ROOT, TRAIN, run_train
@@ -323,7 +323,7 @@ def test_one_writer_per_run_directory(tmp_path, tiny_model, stdlib_corpus):
             if done[i] is None and p.poll() is not None:
                 done[i] = (p.returncode, time.monotonic() - t0, p.stderr.read())
         time.sleep(0.1)
-    (ok,), (refused,) = [d for d in done if d[0] == 0], [d for d in done if d[0] != 0]
+    (_,), (refused,) = [d for d in done if d[0] == 0], [d for d in done if d[0] != 0]
     assert refused[1] < 30, refused
     lines = refused[2].strip().splitlines()
     assert len(lines) == 1 and re.fullmatch(rf"error: --out {re.escape(str(out))} is in use by another train.py "

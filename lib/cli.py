@@ -10,7 +10,7 @@ import os
 import sys
 
 # the bundled files, the defaults of every script (one name each, used everywhere)
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 BUNDLED_MODEL = os.path.join(ASSETS, "tiny")  # the bundled tiny base model (vocab 4096, 256-token window)
 BUNDLED_TRAIN = os.path.join(ASSETS, "books", "train")  # the bundled public-domain books, train.py's default data
 BUNDLED_EVAL = os.path.join(ASSETS, "books", "eval")  # held-out public-domain plays, the evaluations' default data
@@ -223,3 +223,27 @@ def torch_dtype(name, device):
     import torch
     name = name or ("bf16" if str(device).startswith("cuda") else "fp32")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def write_atomically(path, write):
+    """Call write(tmp) on a temporary name in path's folder, with path's extension, then rename it to path: a reader
+    or a killed process never sees a half-written file. The one atomic write of the project."""
+    folder, name = os.path.split(os.path.abspath(path))
+    root, ext = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{root}.{os.getpid()}.tmp{ext}")
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a plain file's permissions (safetensors writes 0600)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomically(path, text):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomically(path, write)

@@ -24,8 +24,8 @@ import struct
 import torch
 import torch.nn.functional as F
 
-import cli
-import tokenizer
+from lib import cli
+from lib import tokenizer
 from rope import normalize_rope_scaling, rope_type
 
 # what loads: architecture -> model_type. Mistral and Qwen2 differ from LLaMA only where config_from_hf says.
@@ -305,7 +305,7 @@ def write_checkpoint(path, state, config, tokenizer_dir=None):
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        replace_atomically(os.path.join(path, name), lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+        cli.write_atomically(os.path.join(path, name), lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
@@ -338,35 +338,14 @@ def write_tokenizer(source, path):
                      f"sentencepiece and protobuf installed: {e}")
     for name in TOKENIZER_FILES:
         if name in files:
-            replace_atomically(os.path.join(path, name), lambda tmp, text=files[name]: _write_text(tmp, text))
+            cli.write_text_atomically(os.path.join(path, name), files[name])
         elif has[name]:
             source_file = os.path.join(source, name)
-            replace_atomically(os.path.join(path, name), lambda tmp, s=source_file: shutil.copyfile(s, tmp))
-
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def replace_atomically(path, write):
-    """Call write(tmp) on a temporary name in the same folder, then rename: never a half-written file at `path`."""
-    folder, name = os.path.split(os.path.abspath(path))
-    root, ext = os.path.splitext(name)
-    tmp = os.path.join(folder, f".{root}.{os.getpid()}.tmp{ext}")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # a plain file's permissions (safetensors writes 0600)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            cli.write_atomically(os.path.join(path, name), lambda tmp, s=source_file: shutil.copyfile(s, tmp))
 
 
 def write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
-    replace_atomically(path, write)
+    cli.write_atomically(path, write)

@@ -1,19 +1,19 @@
 """Speed and memory benchmarks. Ratios are measured within one run (alternating contenders), since a shared machine
 is noisy; absolute numbers are only comparable on the same machine.
 
-    python bench.py model          # training step (fwd + bwd) of our LLaMA vs transformers' LlamaForCausalLM (sdpa)
-    python bench.py loss           # peak memory of model.loss vs full logits as T grows (32k vocabulary)
-    python bench.py pose           # one optimizer step: PoSE at train_len vs full-length at 2x, 4x, 8x (Figure 3)
-    python bench.py eval           # peak memory of evaluate.py at 8k and 32k tokens (32k vocabulary)
-    python bench.py all            # the four above, on the CPU
-    python bench.py pose --threads 1   # beside another busy process: one thread each (see cli.add_threads)
-    python bench.py memory --layers 4 8 --json memory.json   # on a GPU: train.py's steps at LLaMA-7B's layer shape
-    python bench.py speed --layers 8 --json speed.json       # on a GPU: tokens/s and MFU of train.py's step
-    python bench.py memory --device cpu --layers 1 2 --train-len 32 --target 128 --eval-ctx 64 \\
+    python scripts/bench.py model          # training step (fwd + bwd) of our LLaMA vs transformers' LlamaForCausalLM (sdpa)
+    python scripts/bench.py loss           # peak memory of model.loss vs full logits as T grows (32k vocabulary)
+    python scripts/bench.py pose           # one optimizer step: PoSE at train_len vs full-length at 2x, 4x, 8x (Figure 3)
+    python scripts/bench.py eval           # peak memory of evaluate.py at 8k and 32k tokens (32k vocabulary)
+    python scripts/bench.py all            # the four above, on the CPU
+    python scripts/bench.py pose --threads 1   # beside another busy process: one thread each (see cli.add_threads)
+    python scripts/bench.py memory --layers 4 8 --json memory.json   # on a GPU: train.py's steps at LLaMA-7B's layer shape
+    python scripts/bench.py speed --layers 8 --json speed.json       # on a GPU: tokens/s and MFU of train.py's step
+    python scripts/bench.py memory --device cpu --layers 1 2 --train-len 32 --target 128 --eval-ctx 64 \\
         --shape '{"dim": 64, "n_heads": 4, "n_kv_heads": 2, "intermediate_size": 128, "vocab_size": 4096}'  # tiny
 
 The training sections (pose, memory, speed) run train.py's own code in one process: the Settings of a train.py
-command line (settings.py, with train.py's defaults for the device: bf16 and activation checkpointing on CUDA, fp32
+command line (lib/settings.py, with train.py's defaults for the device: bf16 and activation checkpointing on CUDA, fp32
 without on the CPU), its FSDP2 model (train.sharded_model, here with fresh weights), its optimizer (train.adamw) and
 its optimizer step (train.optimizer_step: the step's examples by train.batch_for, then train.update), on one
 document of random tokens. The model is a config.json beside the bundled tokenizer, which is all train.py reads of
@@ -24,7 +24,7 @@ document of random tokens. The model is a config.json beside the bundled tokeniz
           examples of --train-len tokens, positions up to --target, in micro-batches of --micro-batch-size (by
           default 2 micro-steps of one example: the gradients accumulate, as in the paper's recipe). The weights,
           the gradients (when the optimizer step starts) and AdamW's state, counted tensor by tensor and, on CUDA,
-          read from the allocator, and the last step's peak and what it adds to the three, each beside memory.py's
+          read from the allocator, and the last step's peak and what it adds to the three, each beside lib/memory.py's
           plan of the same run (what `train.py --dry-run` prints).
   speed   for each --layers: seconds per optimizer step of PoSE (--train-len tokens, positions up to --target) and of
           full-length fine-tuning (--target tokens), tokens/s, model FLOPs and their utilization of the GPU's peak;
@@ -48,18 +48,21 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-import cli
-import data
-import evaluate
-import hf
-import memory
-import pose
-import settings
-import train
-from model import BACKENDS, LLaMA, ModelConfig, attention_backend
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lib import cli  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+from lib import hf  # noqa: E402
+from lib import memory  # noqa: E402
+import pose  # noqa: E402
+from lib import settings  # noqa: E402
+import train  # noqa: E402
+from model import BACKENDS, LLaMA, ModelConfig, attention_backend  # noqa: E402
 
 # bf16 dense (no sparsity) tensor-core peaks, TFLOP/s per GPU, from NVIDIA's data sheets; the first match wins.
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
@@ -335,7 +338,7 @@ def bench_eval(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# memory of train.py's steps and of evaluation windows, against memory.py's plan
+# memory of train.py's steps and of evaluation windows, against lib/memory.py's plan
 
 def eval_window(cfg, ctx, device):
     """evaluate.perplexity over one window of ctx random tokens, the weights in evaluate.py's dtype for the device
@@ -429,7 +432,7 @@ def bench_memory(args):
               f"parameters), {s['method']} {s['seq_len']} tokens per example, positions up to {s['target']}, "
               f"{s['batch_size']} per step in micro-batches of {s['micro_batch_size']}, {s['precision']}, "
               f"activation checkpointing {'on' if s['grad_checkpointing'] else 'off'}; the plan: train.py --dry-run")
-        print("| what | counted tensor by tensor | allocator | memory.py's plan | allocator / plan |")
+        print("| what | counted tensor by tensor | allocator | lib/memory.py's plan | allocator / plan |")
         print("|---|---|---|---|---|")
         for key, what in MEMORY_ROWS.items():
             counted, allocated, planned = r["counted"].get(key), (r["allocated"] or {}).get(key), r["plan"][key]
@@ -527,7 +530,7 @@ ALL = ("model", "loss", "pose", "eval")  # `all`: the CPU sections
 
 
 def worker(name, kw):
-    """`bench.py _worker NAME JSON`: one measurement, its JSON result on the last line of stdout."""
+    """`scripts/bench.py _worker NAME JSON`: one measurement, its JSON result on the last line of stdout."""
     cli.set_threads(kw.pop("threads"))
     if name in TRAINING_WORKERS:  # NCCL on CUDA (when visible, see measure_in_subprocess), gloo on the CPU
         kw["device"], kw["mesh"] = train.setup_distributed()
@@ -572,7 +575,7 @@ def parse_args(argv=None):
     cli.add_threads(parser)
     args = parser.parse_args(argv)
     if args.section is None:  # the one-line form of every script's errors, not argparse's usage and exit 2
-        parser.error(f"name a section: {', '.join([*SECTIONS, 'all'])} (bench.py --help says what each measures)")
+        parser.error(f"name a section: {', '.join([*SECTIONS, 'all'])} (scripts/bench.py --help says what each measures)")
     if args.json and args.section not in ("memory", "speed"):
         parser.error("--json is for the memory and speed sections")
     if args.section in ("memory", "speed") and args.device == "cuda" and not torch.cuda.is_available():

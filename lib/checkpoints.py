@@ -22,8 +22,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-import cli
-import hf
+from lib import cli
+from lib import hf
 
 
 def folder(out):
@@ -104,7 +104,7 @@ def export(model, out, target, base, export_dtype, rank):
         dtype = hf.stored_dtype(hf.read_config(base)) if export_dtype == "auto" else \
             cli.torch_dtype(export_dtype, "cpu")
         model.save_pretrained(out, {k: v.to(dtype) for k, v in state.items()}, tokenizer_dir=base,
-                              max_position_embeddings=target)  # the extended window (hf.py: dynamic NTK)
+                              max_position_embeddings=target)  # the extended window (lib/hf.py: dynamic NTK)
     dist.barrier()
 
 

@@ -16,14 +16,14 @@ import math
 import os
 from dataclasses import dataclass
 
-import cli
+from lib import cli
 import data
-import hf
+from lib import hf
 import pose
-from cli import UsageError
+from lib.cli import UsageError
 from rope import describe_rope, original_window, rope_kind, rope_name, scaling_from_spec, supported_window
 
-GB = 1e9  # decimal gigabytes, as memory.py prints them
+GB = 1e9  # decimal gigabytes, as lib/memory.py prints them
 BUNDLED_REPLAY = os.path.join(cli.ASSETS, "replay", "passkey-256.npz")  # synthetic passkey episodes
 
 RECIPES = {
@@ -169,7 +169,7 @@ def parser(doc=None):
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="compute dtype (default: bf16 on CUDA, fp32 on CPU); master weights and reductions are fp32")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute each block in backward (default: on for CUDA)")
+                   help="recompute each block in backward (default: on CUDA, the memory plan decides; off on the CPU)")
     p.add_argument("--cpu-offload", action="store_true", help="keep sharded parameters, gradients and optimizer "
                                                                "state in CPU memory (FSDP2 CPUOffloadPolicy)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block before sharding (opt-in; "
@@ -312,7 +312,7 @@ def plan_defaults(s, capacity, micro_given=False, checkpointing_given=False):
     the memory plan: checkpointing only where no micro-batch fits without it, and the micro-batch as large as fits
     up to batch / world. A plan fits when its peak is at most (1 - MARGIN) of the capacity. A value the command line
     gave is kept."""
-    import memory
+    from lib import memory
     usable = (1 - MARGIN) * capacity
     per_rank = s.batch_size // s.world
     micros = [s.micro_batch_size] if micro_given else [m for m in range(per_rank, 0, -1) if per_rank % m == 0]

@@ -23,11 +23,11 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 
-import cli
+from lib import cli
 
-import checkpoints
-from cli import UsageError
-from settings import RESUMABLE
+from lib import checkpoints
+from lib.cli import UsageError
+from lib.settings import RESUMABLE
 
 RUN_MARKER = ".pose-run"  # written first into every --out that train.py makes: only such folders are written into
 LOCK = ".pose-run.lock"  # the run's lock (RunLock)
@@ -178,9 +178,7 @@ def create(s, start):
     with open(os.path.join(s.out, "args.json"), "w") as f:
         json.dump(s.record(), f, indent=2)
     log = Log(os.path.join(s.out, "log.jsonl"))
-    with open(log.path + ".tmp", "w") as f:
-        f.writelines(json.dumps(e) + "\n" for e in start.log)
-    os.replace(log.path + ".tmp", log.path)
+    cli.write_text_atomically(log.path, "".join(json.dumps(e) + "\n" for e in start.log))
     return log
 
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-import hf
-from cli import UsageError, warn
+from lib import hf
+from lib.cli import UsageError, warn
 from model import LLaMA, ModelConfig
 from rope import normalize_rope_scaling, original_window, scaling_from_spec, supported_window
 
