@@ -82,7 +82,7 @@ from model import BACKENDS, LLaMA, ModelConfig, attention_backend  # noqa: E402
 from pose import skip_positions  # noqa: E402
 
 TRAIN = os.path.join(ROOT, "train.py")
-BENCH = os.path.join(ROOT, "scripts", "scripts/bench.py")
+BENCH = os.path.join(ROOT, "scripts", "bench.py")
 GB = memory.GB  # decimal gigabytes, as train.py --dry-run's plan
 
 # bf16 keeps 8 significant bits (unit roundoff u = 2^-8 = 3.9e-3) and every matrix product, norm and residual add
