@@ -202,8 +202,8 @@ def run_row_seed(slug, seed, settings, out, data, report):
     import torch
 
     import rope
+    from lib import evaluation
     from lib import tokenizer as tokenizers
-    from model import LLaMA
 
     row = ROW[slug]
     folder = row_dir(out, row, seed)
@@ -216,9 +216,7 @@ def run_row_seed(slug, seed, settings, out, data, report):
     train_s = round(time.perf_counter() - t0, 1) if row.train else None
     torch.set_num_threads(1)
     tok = tokenizers.Tokenizer(model_dir)
-    model = LLaMA.from_pretrained(model_dir)
-    if not row.train:
-        model.set_rope_scaling(rope.scaling_from_spec(row.rope, model.cfg.max_position_embeddings))
+    model = next(evaluation.load([model_dir], [rope.CHECKPOINT if row.train else row.rope])).model
     model.eval()
     cost = {}
     for part in parts_of(row):

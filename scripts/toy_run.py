@@ -168,7 +168,7 @@ def run_row_seed(slug, seed, settings, out, threads=1):
 
     import data
     import rope
-    from model import LLaMA
+    from lib import evaluation
 
     row = ROW[slug]
     folder = row_dir(out, row, seed)
@@ -190,9 +190,7 @@ def run_row_seed(slug, seed, settings, out, threads=1):
         model_dir = os.path.join(ROOT, settings["base"])
     torch.set_num_threads(1)
     tokenizer = data.Tokenizer(model_dir)
-    model = LLaMA.from_pretrained(model_dir)
-    if not row.train:
-        model.set_rope_scaling(rope.scaling_from_spec(row.rope, model.cfg.max_position_embeddings))
+    model = next(evaluation.load([model_dir], [rope.CHECKPOINT if row.train else row.rope])).model
     result["rope_scaling"] = model.cfg.rope_scaling
     result["rope"] = rope.describe_rope(model.cfg.rope_scaling)
     load_start, t0 = os.getloadavg(), time.perf_counter()

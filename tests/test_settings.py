@@ -1,10 +1,13 @@
 """settings.py: the resolved settings of train.py's command line, what they refuse and warn about, and the summary
 printed from them. No training here (tests/test_train.py runs train.py)."""
 import dataclasses
+import json
 import os
+import shutil
 
 import pytest
 
+from lib import rundir
 from lib import settings
 import train
 from lib.cli import UsageError
@@ -90,3 +93,37 @@ def test_the_bundled_runs_next_commands_are_the_readmes(capsys):
     readme = open(os.path.join(ROOT, "README.md")).read()
     commands = [c for c in printed if c.startswith(("python evaluate.py", "python passkey.py"))]
     assert len(commands) == 2 and all(f"\n{c}\n" in readme for c in commands), commands
+
+
+def test_extending_a_tiny_runs_model_keeps_the_tiny_recipe(tmp_path):
+    """The recipe follows the run that made --model (its args.json), not the model's name; the tiny recipe trains at
+    the base's original window, the length of its replay windows."""
+    model = tmp_path / "pose-2048"
+    shutil.copytree(os.path.join(ROOT, "assets", "tiny"), model)
+    with open(model / "config.json") as f:
+        config = json.load(f)
+    config.update(max_position_embeddings=2048, rope_scaling={"rope_type": "yarn", "factor": 8.0,
+                                                              "original_max_position_embeddings": 256,
+                                                              "beta_fast": 4.0, "beta_slow": 1.0})
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "args.json").write_text(json.dumps({"recipe": "tiny"}))
+    s = resolve("--model", model, "--target", 4096, "--out", tmp_path / "out")
+    assert (s.recipe, s.steps, s.batch_size, s.train_len) == ("tiny", 100, 16, 256)
+    assert "the recipe of the run that made --model" in s.why[0]
+    (model / "args.json").unlink()
+    assert resolve("--model", model, "--target", 4096, "--out", tmp_path / "out", "--replay", "none").recipe == "paper"
+
+
+def test_resume_with_more_steps_says_what_the_learning_rate_does():
+    s = resolve("--target", 2048, "--steps", 200)
+    start = rundir.Start(step=100, checkpoint="x", resumed_with={"steps": [100, 200]})
+    (line,) = train.resume_note(s, start)
+    assert "--steps 100 -> 200" in line and "stretched to end at step 200" in line
+    assert f"{train.lr_at(99, 2e-4, 10, 100):.2e} at step 100" in line and "x higher" in line
+    assert train.resume_note(s, rundir.Start()) == ()
+
+
+def test_a_diverged_run_is_named():
+    assert train.divergence([3.0, 3.1, 2.9, 2.8]) is None
+    line = train.divergence([3.07] + [5.0] * 8 + [401247.0])
+    assert "rose from 3.07 at step 1 to 4.012e+05" in line and "diverged" in line
