@@ -1,5 +1,7 @@
 """Probability that a relative position is trained: PoSE paper appendix B, Figure 5.
 
+    python coverage.py --train-len 2048 --target 16384 --plot coverage.png     # N = 2 exact, N = 3 and RandPos sampled
+
 For one training example with position ids p_0 < ... < p_{L-1} (L = train_len), relative distance d
 is "covered" when p_j - p_i = d for some pair i < j: some query/key pair in that example attends at
 distance d, so RoPE's rotation by d gets a gradient. This script gives, for every d in

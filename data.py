@@ -1,11 +1,11 @@
 """Corpus preparation (jsonl / txt -> one flat token file + a document index) and deterministic sampling.
 
-Prepare a corpus once, then train and evaluate from the memory-mapped token file:
-$ python scripts/make_tokenizer.py --out out/tokenizer          # the tokenizer of the bundled tiny model
-$ python data.py --input assets/books/train --tokenizer out/tokenizer/tokenizer.model --out data/books_train
-$ python data.py --input assets/books/eval --tokenizer out/tokenizer/tokenizer.model --out data/books_eval
-$ python data.py --input pile_val.jsonl.gz --tokenizer llama-7b/tokenizer.model --out data/pile --min-tokens 2048
-$ python data.py --input pile_val.jsonl.gz --tokenizer llama-3.1-8b --out data/pile-llama3   # its tokenizer.json
+    python data.py --input pile_val.jsonl.gz --tokenizer llama-7b/tokenizer.model --out data/pile --min-tokens 2048
+    python data.py --input pile_val.jsonl.gz --tokenizer llama-3.1-8b --out data/pile-llama3   # its tokenizer.json
+    python data.py --input assets/books/train --tokenizer assets/tiny --out data/books_train  # the bundled books
+
+Prepare a corpus once, then train and evaluate from the memory-mapped token file (--data data/pile). Raw text given
+to train.py or evaluate.py is prepared into the cache (~/.cache/pose, or $POSE_CACHE) the same way.
 
 Input: .jsonl (one JSON object per line, the document in its "text" field: {"text": "..."}; other fields are
 ignored), .txt (one document per file), the same
