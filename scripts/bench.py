@@ -40,7 +40,6 @@ import dataclasses
 import gc
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -54,6 +53,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench_measure import Memory, peak_rss_mb, rss_mb, tensor_bytes, time_steps  # noqa: E402
 from lib import cli  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
@@ -70,15 +70,6 @@ PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H10
 GB = memory.GB  # decimal gigabytes, as train.py --dry-run's plan
 
 
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure_in_subprocess(section, threads=None, device="cpu", **kw):
     """Run `bench.py _worker` for one measurement in a fresh process (with --threads `threads`; the GPU hidden unless
     device is cuda); returns its JSON result."""
@@ -88,55 +79,6 @@ def measure_in_subprocess(section, threads=None, device="cpu", **kw):
     if out.returncode:
         raise ChildProcessError(f"worker {section} {kw} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Memory:
-    """The CUDA allocator's counters of a device, in bytes; None on the CPU, which has none."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def allocated(self):
-        return self._read(torch.cuda.memory_allocated)
-
-    def peak(self):
-        return self._read(torch.cuda.max_memory_allocated)
-
-    def reset_peak(self):
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def _read(self, counter):
-        if self.device.type != "cuda":
-            return None
-        synchronize(self.device)
-        return counter(self.device)
-
-
-def tensor_bytes(tensors):
-    """Bytes of this process's part of the tensors (a DTensor's local shard)."""
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-    return sum(t.numel() * t.element_size() for t in local)
-
-
-def time_steps(step, device, repeats, warmup=1):
-    """Median wall time of step() over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
