@@ -72,7 +72,7 @@ from lib import evaluation
 from lib import hf
 from lib import memory
 from model import ModelConfig
-from rope import CHECKPOINT, describe_rope, scaling_from_spec
+from rope import CHECKPOINT, describe_rope
 
 DEFAULT_DOCS = 50  # the paper's 50 documents of GovReport / Proof-pile (section 4.2)
 
@@ -184,17 +184,7 @@ def parse_args(argv=None):
     args.max_tokens = max(args.ctx) if args.max_tokens is None else args.max_tokens
     if args.min_tokens < 0 or args.max_tokens < 0:
         p.error("--min-tokens and --max-tokens must be >= 0")
-    if args.original_len is not None and args.original_len < 1:
-        p.error(f"--original-len must be >= 1, got {args.original_len}")
-    try:
-        for spec in args.rope:
-            scaling_from_spec(spec, 2048)  # syntax only: the original window is the model's, known once loaded
-        cli.check_outputs(args)
-        cli.check_memory_options(args)
-    except ValueError as e:
-        p.error(str(e))
-    args.device = args.device or cli.default_device()
-    return args
+    return cli.check_evaluation_args(p, args, args.rope)
 
 
 def load_docs(path, tokenizer, n_docs, min_tokens, max_tokens, threads=None):

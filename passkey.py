@@ -58,7 +58,7 @@ from lib import evaluation
 from data import Tokenizer
 from model import KVCache, ModelConfig
 from lib.prompts import FILLER, KEY_LINE, QUESTION, TASK, prompt_text  # noqa: F401 (scripts read them here)
-from rope import CHECKPOINT, rope_type, scaling_from_spec
+from rope import CHECKPOINT, rope_type
 
 
 
@@ -319,15 +319,9 @@ def parse_args(argv=None):
             cli.positive("--lengths", n)
         for flag in ("trials", "max_new_tokens", "depth_bins"):
             cli.positive(f"--{flag.replace('_', '-')}", getattr(args, flag))
-        if args.original_len is not None:
-            cli.positive("--original-len", args.original_len)
-        scaling_from_spec(args.rope, 2048)  # syntax only: the original window is the model's
-        cli.check_outputs(args)
-        cli.check_memory_options(args)
     except ValueError as e:
         p.error(str(e))
-    args.device = args.device or cli.default_device()
-    return args
+    return cli.check_evaluation_args(p, args, [args.rope])
 
 
 def plan_memory(args):

@@ -67,7 +67,7 @@ from lib import memory
 from lib import evaluation
 from model import ModelConfig
 from lib.prompts import FILLER, KEY_LINE, QUESTION, TASK
-from rope import CHECKPOINT, scaling_from_spec
+from rope import CHECKPOINT
 
 TASKS = ("copy", "passkey", "multikey")
 LABELS = ("river", "apple", "castle", "violin", "garden", "rocket", "candle", "forest", "mirror", "tiger", "harbor",
@@ -484,16 +484,9 @@ def parse_args(argv=None):
             if d < args.passage + 1:
                 raise ValueError(f"--distances must be > --passage ({args.passage}): the two occurrences would "
                                  f"overlap, got {d}")
-        if args.original_len is not None:
-            cli.positive("--original-len", args.original_len)
-        for spec in args.rope:
-            scaling_from_spec(spec, 2048)  # syntax only
-        cli.check_outputs(args)
-        cli.check_memory_options(args)
     except ValueError as e:
         p.error(str(e))
-    args.device = args.device or cli.default_device()
-    return args
+    return cli.check_evaluation_args(p, args, args.rope)
 
 
 def default_distances(window, supported):

@@ -247,3 +247,21 @@ def write_text_atomically(path, text):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     write_atomically(path, write)
+
+
+def check_evaluation_args(parser, args, specs):
+    """The checks evaluate.py, passkey.py and recall.py share, after their own: --original-len, the syntax of each
+    --rope spec, the output files, --dry-run and --gpu-memory; then the default device. A bad value ends in one line
+    (parser.error)."""
+    from rope import scaling_from_spec
+    try:
+        if args.original_len is not None:
+            positive("--original-len", args.original_len)
+        for spec in specs:
+            scaling_from_spec(spec, 2048)  # syntax only: the original window is the model's, known once loaded
+        check_outputs(args)
+        check_memory_options(args)
+    except ValueError as e:
+        parser.error(str(e))
+    args.device = args.device or default_device()
+    return args
