@@ -429,7 +429,8 @@ def dry_run(s):
     print(f"dry run: {'resume from step ' + str(start.step) if start.checkpoint else 'a new run'} in {s.out}; "
           "nothing is loaded to a device or written")
     print("\n".join(f"  {k:<19} {v}" for k, v in dataclasses.asdict(s).items() if k != "why"))
-    print("\n".join(s.why + (budget(s), estimate(s)) + resume_note(s, start)))
+    plan = memory.plan_of(s)
+    print("\n".join(s.why + (budget(s), estimate(s, plan.params)) + resume_note(s, start)))
     for line in settings.warnings(s):
         cli.warn(line)
     if settings.config_only(s.model):
@@ -443,7 +444,6 @@ def dry_run(s):
         print(f"the first examples ({s.seq_len} tokens each, from {corpus}), their positions:")
         examples = [example(i, s, corpus) for i in range(3)]
     print("\n".join(f"  example {i}: {position_runs(e[1])}" for i, e in enumerate(examples)))
-    plan = memory.plan_of(s)
     print(f"memory plan per process: {plan.params:,} parameters, {s.world} process{'es' * (s.world > 1)} on {s.device}, "
           f"micro-batch {s.micro_batch_size} x {s.seq_len} tokens, {s.precision}, activation checkpointing "
           f"{'on' if s.grad_checkpointing else 'off'}, CPU offload {'on' if s.cpu_offload else 'off'}\n{plan.table()}")
@@ -464,12 +464,11 @@ H100_BF16 = 989e12  # FLOP/s, dense bf16 peak of an H100 SXM
 MFU = 0.4  # the share of it a dry run's estimate assumes
 
 
-def estimate(s):
-    """The run's duration at a stated rate: 6 FLOPs per parameter and token, plus causal attention, on CUDA at MFU of
-    an H100's bf16 peak per GPU; on the CPU at a third of a matmul rate measured here (the bundled run reaches
-    about that)."""
-    cfg = ModelConfig(**dict(hf.read_config(s.model), rope_scaling=s.rope_scaling))
-    params = memory.plan_of(s).params
+def estimate(s, params):
+    """The duration of the run of Settings s (a model of `params` parameters) at a stated rate: 6 FLOPs per parameter
+    and token, plus causal attention, on CUDA at MFU of an H100's bf16 peak per GPU; on the CPU at a third of a matmul
+    rate measured here (the bundled run reaches about that)."""
+    cfg = ModelConfig(**hf.read_config(s.model))
     per_token = 6 * params + 6 * cfg.n_layers * s.seq_len * cfg.n_heads * cfg.head_dim  # QK and AV, fwd + bwd, causal
     flops = s.steps * (s.batch_size * s.seq_len + s.replay_batch * s.train_len) * per_token
     if s.device == "cuda":
